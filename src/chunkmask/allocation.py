@@ -1,0 +1,466 @@
+"""Per-phase keep probabilities, Neyman budget allocation and the budget knee.
+
+These functions turn per-phase outcome-divergence scores into the quantities a chunk selector
+needs: the keep probability (chunk weight) of each phase (Eq. 8-9), the variance-optimal number of
+chunks to draw from each phase under a fixed budget (Eq. 6, Theorem 1), and a suggested budget from
+the knee of the captured-score curve (App. D). See Anonymous et al. (2026), Probabilistic Chunk
+Masking, arXiv 2605.16154.
+"""
+
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Bool, Float, Float64, Int64, Integer, Real
+from torch import Tensor
+
+from chunkmask._checks import (
+    check_min_ndim,
+    check_probability,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+)
+
+__all__ = [
+    "BudgetSuggestion",
+    "keep_probabilities",
+    "neyman_allocation",
+    "neyman_allocation_continuous",
+    "suggest_budget",
+]
+
+
+def _result_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32/float64 stay as they are; lower precisions come back as float32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def keep_probabilities(
+    scores: Float[Tensor, "*b phase"],
+    defined: Bool[Tensor, "*b phase"] | None = None,
+    *,
+    floor: float = 0.1,
+    power: float = 1.0,
+    validate_args: bool = True,
+) -> Float[Tensor, "*b phase"]:
+    r"""Map per-phase scores to keep probabilities by share and max normalisation with a floor.
+
+    $$
+    s_c = \frac{\bar V_c}{\sum_{c'} \bar V_{c'}}, \qquad
+    \tilde\rho_c = \Bigl(\frac{s_c}{\max_{c'} s_{c'}}\Bigr)^{\gamma}, \qquad
+    p_c = \max\bigl(p_{\min}, \tilde\rho_c\bigr),
+    $$
+
+    where the sums and the maximum run over the defined phases only and $\gamma$ is `power`.
+    See Eq. (8) and Eq. (9) of Anonymous et al. (2026), Probabilistic Chunk Masking,
+    arXiv 2605.16154.
+
+    Notes:
+        - The share normalisation of Eq. (8) cancels in the max normalisation; it is kept in the
+          equation for fidelity to the paper and does not change the result.
+        - `power=1` is the paper's rule. `power=0.5` gives $p_c \propto s_c^{1/2}$, which is the
+          exact Neyman weight of Eq. (6) when the score is proportional to the variance
+          $\sigma_c^2$ (Lemma 2).
+        - A phase that is not defined (no score this refresh, e.g. seen only in successes) gets the
+          floor $p_{\min}$.
+        - A row with no defined phase, or whose defined scores are all 0, carries no information:
+          every phase then gets keep probability 1 (uniform weighting), so the selector falls back
+          to uniform sampling instead of dividing by zero.
+        - The maximum of a row is exactly 1 whenever some defined score is positive.
+
+    Args:
+        scores: `(*b, phase)` non-negative per-phase scores $\bar V_c$ (leading batch dims allowed).
+            Values at undefined phases are ignored and may be anything, including NaN.
+        defined: `(*b, phase)` bool, True where the phase has a score. Defaults to all True.
+        floor: the floor $p_{\min}$ in (0, 1].
+        power: the exponent $\gamma > 0$ applied after max normalisation.
+        validate_args: check that defined scores are finite and non-negative (one host sync).
+
+    Returns:
+        `(*b, phase)` keep probabilities in `[floor, 1]`, float32 (float64 for float64 input).
+
+    Raises:
+        TypeError: if `scores` is not floating point or `defined` is not bool.
+        ValueError: if the shapes disagree, `floor` is outside (0, 1], `power` is not positive, or
+            (with `validate_args`) a defined score is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> scores = torch.tensor([0.0, 0.4, 2.0, 1.0, 0.1])
+        >>> keep_probabilities(scores).tolist()
+        [0.10000000149011612, 0.20000000298023224, 1.0, 0.5, 0.10000000149011612]
+        >>> keep_probabilities(scores, power=0.5)[3].item()
+        0.7071067690849304
+        >>> keep_probabilities(torch.zeros(3)).tolist()
+        [1.0, 1.0, 1.0]
+    """
+    check_tensor(scores, "scores", dtypes="float")
+    check_min_ndim(scores, "scores", 1)
+    if defined is None:
+        defined = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    else:
+        check_tensor(defined, "defined", dtypes="bool")
+        check_same_shape(defined, "defined", scores, "scores")
+        check_same_device(defined, "defined", scores, "scores")
+    floor = check_probability(floor, "floor")
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
+        raise ValueError(f"`power` must be a positive finite number, got {power!r}.")
+    if power == float("inf"):
+        raise ValueError(f"`power` must be a positive finite number, got {power!r}.")
+    if validate_args:
+        bad = defined & ~(torch.isfinite(scores) & (scores >= 0))
+        if bool(bad.any()):
+            raise ValueError(
+                f"`scores` must be finite and non-negative at defined phases, got "
+                f"{int(bad.sum())} bad value(s)."
+            )
+    out_dtype = _result_dtype(scores.dtype)
+    work = scores.to(torch.float64)
+    s = torch.where(defined, work, 0.0)
+    total = s.sum(dim=-1, keepdim=True)
+    informative = total > 0
+    share = s / torch.where(informative, total, 1.0)  # Eq. 8
+    top = share.amax(dim=-1, keepdim=True)
+    rho = share / torch.where(informative, top, 1.0)
+    rho = rho.pow(power)
+    p = torch.where(defined, rho.clamp_min(floor), floor)  # Eq. 9
+    p = torch.where(informative, p, 1.0)
+    return p.to(out_dtype)
+
+
+def _check_budget(budget: "int | Tensor", batch_shape: torch.Size, device: torch.device) -> Tensor:
+    """Return the budget as an int64 tensor broadcast to ``batch_shape`` (checked, >= 0)."""
+    if isinstance(budget, Tensor):
+        check_tensor(budget, "budget", dtypes="int")
+        if budget.ndim != 0 and budget.shape != batch_shape:
+            raise ValueError(
+                f"`budget` must be a scalar or have the batch shape {tuple(batch_shape)}, "
+                f"got {tuple(budget.shape)}."
+            )
+        if bool((budget < 0).any()):
+            raise ValueError(f"`budget` must be >= 0, got a minimum of {int(budget.min())}.")
+        return budget.to(device=device, dtype=torch.int64).expand(batch_shape)
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise TypeError(
+            f"`budget` must be an int or an integer tensor, got {type(budget).__name__}."
+        )
+    if budget < 0:
+        raise ValueError(f"`budget` must be >= 0, got {budget}.")
+    return torch.full(batch_shape, budget, dtype=torch.int64, device=device)
+
+
+def _check_sizes_stds(sizes: Tensor, stds: Tensor) -> None:
+    check_tensor(sizes, "sizes", dtypes="int")
+    check_min_ndim(sizes, "sizes", 1)
+    check_tensor(stds, "stds", dtypes="float")
+    check_same_shape(stds, "stds", sizes, "sizes")
+    check_same_device(stds, "stds", sizes, "sizes")
+    if bool((sizes < 0).any()):
+        raise ValueError(f"`sizes` must be >= 0, got a minimum of {int(sizes.min())}.")
+    bad = ~(torch.isfinite(stds) & (stds >= 0))
+    if bool(bad.any()):
+        raise ValueError(
+            f"`stds` must be finite and non-negative, got {int(bad.sum())} bad value(s)."
+        )
+
+
+def neyman_allocation(
+    budget: int | Integer[Tensor, "*b"],
+    sizes: Integer[Tensor, "*b phase"],
+    stds: Real[Tensor, "*b phase"],
+    *,
+    lower: int | Integer[Tensor, "*b phase"] = 0,
+) -> Int64[Tensor, "*b phase"]:
+    r"""Split an integer budget across phases to minimise the stratified estimator's variance.
+
+    Solves exactly, over integers,
+
+    $$
+    \min_{n}\; \sum_c N_c^2 \sigma_c^2 \Bigl(\frac{1}{n_c} - \frac{1}{N_c}\Bigr)
+    \quad \text{s.t.} \quad \sum_c n_c = B,\;\; \ell_c \le n_c \le N_c,
+    $$
+
+    whose continuous relaxation is the Neyman allocation
+    $b_c^\star = B\, N_c \sigma_c / \sum_{c'} N_{c'} \sigma_{c'}$.
+    See Eq. (6) (Theorem 1) of Anonymous et al. (2026), Probabilistic Chunk Masking,
+    arXiv 2605.16154.
+
+    The objective is separable and convex, so the greedy rule of Wright (2012) is exact: the
+    $j$-th unit given to phase $c$ lowers the variance by $A_c^2 / (j (j - 1))$ with
+    $A_c = N_c \sigma_c$. All $(c, j)$ units are scored $A_c / \sqrt{j (j-1)}$ at once (units up
+    to the lower bound score $+\infty$, units beyond the cap $-\infty$) and the best $B$ are kept
+    with one stable sort per row, which is the greedy result without a Python loop.
+
+    Notes:
+        - The first unit of a phase with $\sigma_c > 0$ scores $+\infty$ (a phase left empty has
+          infinite variance), so every such phase gets one unit before any phase gets a second.
+        - A phase with $\sigma_c = 0$ contributes no variance; it receives units only once every
+          other phase is full (or to meet `lower`).
+        - Ties are broken towards the lower phase index, so the result is deterministic.
+        - A budget larger than $\sum_c N_c$ takes every chunk: the result is $n_c = N_c$ and sums
+          to $\sum_c N_c < B$. This mirrors the samplers, which take all available chunks when
+          asked for more.
+        - `lower` is capped at the phase size: $\ell_c \leftarrow \min(\ell_c, N_c)$.
+
+    Args:
+        budget: total number of chunks $B \ge 0$; an int, or an integer tensor with the batch
+            shape `(*b,)` for a budget per row.
+        sizes: `(*b, phase)` integer phase sizes $N_c \ge 0$ (the caps).
+        stds: `(*b, phase)` per-phase standard deviations $\sigma_c \ge 0$ (any proxy
+            proportional to them, e.g. `scores ** 0.5`, gives the same allocation).
+        lower: minimum number of chunks per phase $\ell_c \ge 0$ (int or `(*b, phase)` tensor).
+
+    Returns:
+        `(*b, phase)` int64 allocation $n_c$.
+
+    Raises:
+        TypeError: if `sizes` or `lower` is not integer, `stds` not floating, or `budget` not int.
+        ValueError: if shapes disagree, a size, std, lower bound or budget is negative or not
+            finite, or the capped lower bounds exceed the budget.
+
+    Examples:
+        >>> import torch
+        >>> sizes = torch.tensor([20, 10, 30])
+        >>> stds = torch.tensor([1.0, 4.0, 0.5])
+        >>> neyman_allocation(12, sizes, stds).tolist()
+        [3, 7, 2]
+        >>> neyman_allocation(100, sizes, stds).tolist()  # more than available: take all
+        [20, 10, 30]
+    """
+    _check_sizes_stds(sizes, stds)
+    batch_shape = sizes.shape[:-1]
+    num_phases = sizes.shape[-1]
+    device = sizes.device
+    b = _check_budget(budget, batch_shape, device)
+    sizes64 = sizes.to(torch.int64)
+    if isinstance(lower, Tensor):
+        check_tensor(lower, "lower", dtypes="int")
+        check_same_shape(lower, "lower", sizes, "sizes")
+        low = lower.to(device=device, dtype=torch.int64)
+        if bool((low < 0).any()):
+            raise ValueError(f"`lower` must be >= 0, got a minimum of {int(low.min())}.")
+    else:
+        if isinstance(lower, bool) or not isinstance(lower, int):
+            raise TypeError(
+                f"`lower` must be an int or an integer tensor, got {type(lower).__name__}."
+            )
+        if lower < 0:
+            raise ValueError(f"`lower` must be >= 0, got {lower}.")
+        low = torch.full_like(sizes64, lower)
+    low = torch.minimum(low, sizes64)
+    need = low.sum(-1)
+    if bool((need > b).any()):
+        raise ValueError(
+            "`lower` (capped at `sizes`) must sum to at most `budget`, got a lower-bound total "
+            f"of {int(need.max())} against a budget of {int(b[need > b].min())}."
+        )
+    if num_phases == 0 or sizes64.numel() == 0:
+        return torch.zeros_like(sizes64)
+    units = int(min(int(b.max()), int(sizes64.max())))  # no phase ever takes more units
+    if units == 0:
+        return torch.zeros_like(sizes64)
+    area = sizes64.to(torch.float64) * stds.to(torch.float64)  # A_c = N_c sigma_c
+    j = torch.arange(1, units + 1, device=device, dtype=torch.float64)  # unit number
+    gain = area[..., None, :] / torch.sqrt(j * (j - 1)).clamp_min(0)[:, None]
+    # j = 1: A / 0 is +inf for A > 0 and nan for A = 0; a zero-variance phase scores 0.
+    gain = torch.where(area[..., None, :] > 0, gain, 0.0)
+    jj = torch.arange(1, units + 1, device=device)[:, None]
+    gain = torch.where(jj <= low[..., None, :], float("inf"), gain)
+    gain = torch.where(jj > sizes64[..., None, :], float("-inf"), gain)
+    # Unit-major flattening: on ties, earlier units and then lower phases come first.
+    flat = gain.reshape(*batch_shape, units * num_phases)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True)
+    rank = torch.arange(units * num_phases, device=device)
+    take = (rank < b[..., None]) & (order.values > float("-inf"))
+    phase_of = order.indices % num_phases
+    counts = torch.zeros_like(sizes64)
+    return counts.scatter_add_(-1, phase_of, take.to(torch.int64))
+
+
+def neyman_allocation_continuous(
+    budget: float | int | Real[Tensor, "*b"],
+    sizes: Real[Tensor, "*b phase"],
+    stds: Real[Tensor, "*b phase"],
+) -> Float64[Tensor, "*b phase"]:
+    r"""Continuous Neyman allocation with caps $b_c \le N_c$ (recursive Neyman).
+
+    $$
+    b_c = \min\bigl(N_c,\; \lambda N_c \sigma_c\bigr), \qquad \sum_c b_c = B,
+    $$
+
+    computed by the recursive rule: allocate $b_c = B' N_c\sigma_c / \sum_{c \in F} N_c\sigma_c$
+    over the free phases $F$, move every phase with $b_c \ge N_c$ to the take-all set with
+    $b_c = N_c$, reduce $B'$ accordingly, and repeat. Without caps this is
+    $b_c^\star = B N_c \sigma_c / \sum_{c'} N_{c'} \sigma_{c'}$, Eq. (6) of Anonymous et al.
+    (2026), Probabilistic Chunk Masking, arXiv 2605.16154.
+
+    Notes:
+        - When every free phase has $\sigma_c = 0$ (for example, all positive-variance phases are
+          full), the remaining budget is split proportionally to $N_c$ over the free phases.
+        - A budget of at least $\sum_c N_c$ takes everything: $b_c = N_c$.
+        - Rounding this result to integers is not optimal; use `neyman_allocation` for that.
+
+    Args:
+        budget: total budget $B \ge 0$ (number, or tensor with the batch shape `(*b,)`).
+        sizes: `(*b, phase)` phase sizes $N_c \ge 0$ (integer or floating).
+        stds: `(*b, phase)` standard deviations $\sigma_c \ge 0$.
+
+    Returns:
+        `(*b, phase)` float64 allocation summing to $\min(B, \sum_c N_c)$.
+
+    Raises:
+        TypeError: if `budget` is not a number or a real tensor.
+        ValueError: if shapes disagree or any input is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> sizes = torch.tensor([20.0, 10.0, 30.0])
+        >>> stds = torch.tensor([1.0, 4.0, 0.5])
+        >>> neyman_allocation_continuous(12, sizes, stds).round(decimals=4).tolist()
+        [3.2, 6.4, 2.4]
+        >>> neyman_allocation_continuous(40, sizes, stds).round(decimals=4).tolist()
+        [17.1429, 10.0, 12.8571]
+    """
+    check_tensor(sizes, "sizes", dtypes=("int", "float"))
+    check_min_ndim(sizes, "sizes", 1)
+    check_tensor(stds, "stds", dtypes=("int", "float"))
+    check_same_shape(stds, "stds", sizes, "sizes")
+    check_same_device(stds, "stds", sizes, "sizes")
+    n = sizes.to(torch.float64)
+    sd = stds.to(torch.float64)
+    if bool((~torch.isfinite(n) | (n < 0)).any()):
+        raise ValueError("`sizes` must be finite and non-negative.")
+    if bool((~torch.isfinite(sd) | (sd < 0)).any()):
+        raise ValueError("`stds` must be finite and non-negative.")
+    batch_shape = n.shape[:-1]
+    if isinstance(budget, Tensor):
+        check_tensor(budget, "budget", dtypes=("int", "float"))
+        if budget.ndim != 0 and budget.shape != batch_shape:
+            raise ValueError(
+                f"`budget` must be a scalar or have the batch shape {tuple(batch_shape)}, "
+                f"got {tuple(budget.shape)}."
+            )
+        b = budget.to(device=n.device, dtype=torch.float64).expand(batch_shape)
+    else:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise TypeError(f"`budget` must be a number or a tensor, got {type(budget).__name__}.")
+        b = torch.full(batch_shape, float(budget), dtype=torch.float64, device=n.device)
+    if bool((~torch.isfinite(b) | (b < 0)).any()):
+        raise ValueError("`budget` must be finite and non-negative.")
+    b = torch.minimum(b, n.sum(-1))
+    area = n * sd
+    full = n <= 0  # empty phases are trivially "full"
+    alloc = torch.zeros_like(n)
+    for _ in range(n.shape[-1] + 1):
+        left = b - torch.where(full, n, 0.0).sum(-1)
+        free_area = torch.where(full, 0.0, area)
+        free_size = torch.where(full, 0.0, n)
+        use_area = free_area.sum(-1, keepdim=True) > 0
+        weight = torch.where(use_area, free_area, free_size)
+        denom = weight.sum(-1, keepdim=True)
+        share = weight / torch.where(denom > 0, denom, 1.0)
+        alloc = torch.where(full, n, share * left[..., None].clamp_min(0))
+        newly = ~full & (alloc >= n)
+        if not bool(newly.any()):
+            break
+        full = full | newly
+    return alloc
+
+
+class BudgetSuggestion(NamedTuple):
+    r"""The knee of the captured-score curve and the curve itself.
+
+    Attributes:
+        budget: suggested number of chunks per trajectory $B$ (a Python int).
+        fraction: $B / N$, the fraction of the `N` chunk slots kept (a Python float).
+        curve_x: `(N + 1,)` float64 kept fraction $m / N$ for $m = 0, \dots, N$.
+        curve_y: `(N + 1,)` float64 mean captured share of the score mass when each trajectory
+            keeps its $m$ highest-scoring chunks.
+    """
+
+    budget: int
+    fraction: float
+    curve_x: Float64[Tensor, " point"]
+    curve_y: Float64[Tensor, " point"]
+
+
+def suggest_budget(
+    scores: Real[Tensor, "*traj chunk"],
+    valid: Bool[Tensor, "*traj chunk"] | None = None,
+) -> BudgetSuggestion:
+    r"""Suggest a chunk budget at the knee of the captured-score curve.
+
+    Rank the chunks of each trajectory by score, let $y_i(m)$ be the share of trajectory $i$'s
+    score mass held by its $m$ highest-scoring chunks, average over trajectories and take the
+    knee of the concave curve $\bar y(m)$ against $x = m / N$ (Kneedle, Satopaa et al. 2011):
+
+    $$
+    B = \arg\max_m \bigl(\hat y(m) - \hat x(m)\bigr),
+    $$
+
+    where $\hat x, \hat y$ are $x, \bar y$ normalised to $[0, 1]$. See Appendix D of
+    Anonymous et al. (2026), Probabilistic Chunk Masking, arXiv 2605.16154 (knee at about 19%
+    of 64 chunks, $B = 12$).
+
+    Notes:
+        - Per-chunk scores are typically the chunk weights $p_{\phi(i,t)}$ or the phase scores
+          $V_{\phi(i,t)}$ broadcast to the chunks.
+        - $N$ is the chunk axis size (the padded length). A trajectory with $T_i < N$ valid chunks
+          has $y_i(m) = 1$ for $m \ge T_i$.
+        - Trajectories whose valid scores sum to 0 carry no ranking and are left out of the mean.
+        - A curve with no concavity ($\hat y - \hat x \le 10^{-12}$ everywhere, e.g. all scores
+          equal) has no knee: the suggestion is then to keep everything, $B = N$.
+        - Ties in the knee go to the smallest budget.
+
+    Args:
+        scores: `(traj, chunk)` (or `(chunk,)` for one trajectory) non-negative per-chunk scores.
+        valid: bool mask of the same shape; defaults to all True.
+
+    Returns:
+        A `BudgetSuggestion` (budget, fraction, curve_x, curve_y).
+
+    Raises:
+        TypeError: if `scores` is not a real tensor or `valid` not bool.
+        ValueError: if shapes disagree, a valid score is negative or not finite, or no trajectory
+            has a positive score.
+
+    Examples:
+        >>> import torch
+        >>> scores = torch.tensor([[5.0, 5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+        >>> suggestion = suggest_budget(scores)
+        >>> suggestion.budget, suggestion.fraction
+        (2, 0.25)
+    """
+    check_tensor(scores, "scores", ndim=(1, 2), dtypes=("int", "float"))
+    if valid is None:
+        valid = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    else:
+        check_tensor(valid, "valid", dtypes="bool")
+        check_same_shape(valid, "valid", scores, "scores")
+        check_same_device(valid, "valid", scores, "scores")
+    if scores.ndim == 1:
+        scores, valid = scores[None], valid[None]
+    s = scores.to(torch.float64)
+    bad = valid & ~(torch.isfinite(s) & (s >= 0))
+    if bool(bad.any()):
+        raise ValueError(
+            f"`scores` must be finite and non-negative at valid chunks, got {int(bad.sum())} "
+            "bad value(s)."
+        )
+    s = torch.where(valid, s, 0.0)
+    n = s.shape[1]
+    total = s.sum(1)
+    informative = total > 0
+    if not bool(informative.any()):
+        raise ValueError("`scores` must have a positive valid score in at least one trajectory.")
+    ranked = torch.sort(s, dim=1, descending=True).values
+    captured = torch.cumsum(ranked, dim=1) / torch.where(informative, total, 1.0)[:, None]
+    captured = torch.cat([torch.zeros_like(captured[:, :1]), captured.clamp(max=1.0)], dim=1)
+    curve_y = captured[informative].mean(0)
+    curve_x = torch.arange(n + 1, dtype=torch.float64, device=s.device) / max(n, 1)
+    y_hat = (curve_y - curve_y[0]) / (curve_y[-1] - curve_y[0])
+    gap = y_hat - curve_x
+    best = int(torch.argmax(gap))
+    if float(gap[best]) <= 1e-12:
+        best = n
+    return BudgetSuggestion(best, best / max(n, 1), curve_x, curve_y)
