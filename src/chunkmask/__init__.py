@@ -1,13 +1,73 @@
 """chunkmask: spend RL gradient compute only on the action chunks where outcomes diverge."""
 
+from chunkmask.advantages import group_relative_advantages
+from chunkmask.allocation import (
+    BudgetSuggestion,
+    keep_probabilities,
+    neyman_allocation,
+    neyman_allocation_continuous,
+    suggest_budget,
+)
+from chunkmask.losses import (
+    AGGREGATION_MODES,
+    GRPOLossOutput,
+    SurrogateOutput,
+    aggregate_loss,
+    clipped_surrogate,
+    masked_grpo_loss,
+)
+from chunkmask.masker import MaskerInfo, ProbabilisticChunkMasker
+from chunkmask.phases import (
+    NUM_PHASES,
+    Phase,
+    gripper_close_fraction,
+    label_gripper_phases,
+    label_time_segments,
+)
+from chunkmask.sampling import (
+    inclusion_probabilities,
+    plackett_luce_sample,
+    stratified_sample,
+    top_phase_sample,
+    topk_sample,
+    uniform_sample,
+)
+from chunkmask.scores import PhaseScoreBuffer, PhaseVariance, success_failure_variance
 from chunkmask.selection import Selection
 from chunkmask.shrinking import shrink, unshrink
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGGREGATION_MODES",
+    "BudgetSuggestion",
+    "GRPOLossOutput",
+    "MaskerInfo",
+    "NUM_PHASES",
+    "Phase",
+    "PhaseScoreBuffer",
+    "PhaseVariance",
+    "ProbabilisticChunkMasker",
     "Selection",
+    "SurrogateOutput",
     "__version__",
+    "aggregate_loss",
+    "clipped_surrogate",
+    "gripper_close_fraction",
+    "group_relative_advantages",
+    "inclusion_probabilities",
+    "keep_probabilities",
+    "label_gripper_phases",
+    "label_time_segments",
+    "masked_grpo_loss",
+    "neyman_allocation",
+    "neyman_allocation_continuous",
+    "plackett_luce_sample",
     "shrink",
+    "stratified_sample",
+    "success_failure_variance",
+    "suggest_budget",
+    "top_phase_sample",
+    "topk_sample",
     "unshrink",
 ]

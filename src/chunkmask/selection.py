@@ -118,7 +118,7 @@ class Selection(NamedTuple):
             ValueError: if `mask` is not 2-D, `valid` has another shape, or a row selects more than
                 `k` chunks.
 
-        Example:
+        Examples:
             >>> import torch
             >>> sel = Selection.from_mask(torch.tensor([[True, False, True], [False, True, False]]))
             >>> sel.indices.tolist(), sel.mask.tolist(), sel.flat_index().tolist()

@@ -88,7 +88,7 @@ def shrink(
         ValueError: if a tensor leaf's leading sizes are neither `(traj, N)` nor `(traj,)`, or
             `size` disagrees with the selection.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from chunkmask import Selection, shrink
         >>> valid = torch.tensor([[True, True, True], [True, True, False]])
@@ -150,7 +150,7 @@ def unshrink(
         TypeError: if `selection` is not a `Selection`.
         ValueError: if a leaf is 0-d or its first size is not the number of selected chunks.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from chunkmask import Selection, unshrink
         >>> sel = Selection.from_mask(torch.tensor([[False, True, True], [True, False, False]]))

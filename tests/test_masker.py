@@ -1,0 +1,158 @@
+import pytest
+import torch
+
+import chunkmask
+from chunkmask import NUM_PHASES, Phase, ProbabilisticChunkMasker
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def rollouts(seed=0, traj=12, n=16, h=4, d=3, group_size=4, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, n + 1, (traj,), generator=g)
+    valid = torch.arange(n)[None, :] < lengths[:, None]
+    actions = torch.randn(traj, n, h, d, generator=g)
+    start = (lengths.float() * 0.3).long()
+    stop = (lengths.float() * 0.7).long()
+    closed = (torch.arange(n)[None, :] >= start[:, None]) & (torch.arange(n)[None, :] < stop[:, None])
+    actions[..., -1] = torch.where(closed, 1.0, -1.0)[..., None]
+    success = torch.rand(traj, generator=g) < 0.5
+    success[::group_size] = True
+    success[1::group_size] = False  # every group mixed
+    group = torch.arange(traj) // group_size
+    return {k: v.to(device) for k, v in dict(actions=actions, success=success, group=group, valid=valid).items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_select_respects_budget_padding_and_reports_consistent_diagnostics(device):
+    batch = rollouts(device=device)
+    masker = ProbabilisticChunkMasker(budget=5, seed=0)
+    sel, info = masker.select(**batch)
+    valid = batch["valid"]
+    assert isinstance(sel, chunkmask.Selection)
+    assert torch.equal(sel.counts, valid.sum(1).clamp_max(5))
+    chosen = sel.chunk_mask()
+    assert not (chosen & ~valid).any()
+    assert int(info.selected_per_phase.sum()) == int(chosen.sum())
+    assert int(info.available_per_phase.sum()) == int(valid.sum())
+    assert (info.phases[~valid] == Phase.PAD).all() and (info.phases[valid] >= 0).all()
+    keep = info.keep_probabilities
+    assert keep.shape == (NUM_PHASES,) and (keep >= 0.1 - 1e-6).all() and (keep <= 1 + 1e-6).all()
+    expected_w = torch.where(valid, keep[info.phases.clamp_min(0)], 0.0)
+    torch.testing.assert_close(info.weights, expected_w)
+    assert info.inclusion is None
+
+
+def test_masker_is_exactly_the_composition_of_the_primitives():
+    batch = rollouts(seed=3)
+    masker = ProbabilisticChunkMasker(budget=4, seed=11, refresh_every=2)
+    buffer = chunkmask.PhaseScoreBuffer(NUM_PHASES, refresh_every=2, p_min=0.1)
+    gen = torch.Generator().manual_seed(11)
+    for step in range(4):
+        batch = rollouts(seed=step)
+        sel, info = masker.select(**batch)
+        frac = chunkmask.gripper_close_fraction(batch["actions"][..., -1], batch["valid"], close="positive")
+        phases = chunkmask.label_gripper_phases(frac, batch["valid"])
+        var = chunkmask.success_failure_variance(
+            batch["actions"], phases, batch["success"], batch["group"], num_phases=NUM_PHASES, valid=batch["valid"]
+        )
+        keep = buffer.update(var.scores, var.defined)
+        weights = torch.where(batch["valid"], keep[phases.clamp_min(0)], 0.0)
+        ref = chunkmask.plackett_luce_sample(weights, 4, valid=batch["valid"], generator=gen)
+        assert torch.equal(info.phases, phases)
+        torch.testing.assert_close(info.scores, var.scores)
+        torch.testing.assert_close(info.keep_probabilities, keep)
+        assert torch.equal(sel.indices, ref.indices) and torch.equal(sel.mask, ref.mask)
+
+
+def test_same_seed_same_selection_and_state_round_trip():
+    a = ProbabilisticChunkMasker(budget=3, seed=5, refresh_every=2)
+    b = ProbabilisticChunkMasker(budget=3, seed=5, refresh_every=2)
+    for step in range(3):
+        sa, _ = a.select(**rollouts(seed=step))
+        sb, _ = b.select(**rollouts(seed=step))
+        assert torch.equal(sa.indices, sb.indices)
+    state = a.state_dict()
+    c = ProbabilisticChunkMasker(budget=3, seed=999, refresh_every=2)
+    c.load_state_dict(state)
+    for step in range(3, 7):
+        sa, ia = a.select(**rollouts(seed=step))
+        sc, ic = c.select(**rollouts(seed=step))
+        assert torch.equal(sa.indices, sc.indices)
+        torch.testing.assert_close(ia.keep_probabilities, ic.keep_probabilities)
+
+
+def test_nan_in_padded_actions_changes_nothing():
+    batch = rollouts(seed=7)
+    dirty = dict(batch)
+    dirty["actions"] = batch["actions"].clone()
+    dirty["actions"][~batch["valid"]] = float("nan")
+    dirty["actions"][~batch["valid"], :, -1] = -1.0  # keep the gripper channel's padding sane
+    s1, i1 = ProbabilisticChunkMasker(budget=4, seed=1).select(**batch)
+    s2, i2 = ProbabilisticChunkMasker(budget=4, seed=1).select(**dirty)
+    assert torch.equal(s1.indices, s2.indices)
+    torch.testing.assert_close(i1.scores, i2.scores)
+
+
+def test_explicit_phases_custom_labeler_gripper_and_inclusion():
+    batch = rollouts(seed=2)
+    traj, n = batch["valid"].shape
+    phases = torch.where(batch["valid"], torch.arange(n)[None, :].expand(traj, n) % 2, -1)
+    masker = ProbabilisticChunkMasker(budget=4, num_phases=2, seed=0, inclusion=True)
+    sel, info = masker.select(phases=phases, **batch)
+    assert torch.equal(info.phases, phases)
+    assert info.inclusion.shape == (traj, n)
+    torch.testing.assert_close(info.inclusion.sum(1), sel.counts.to(torch.float64), atol=1e-6, rtol=0)
+
+    def labeler(gripper, valid):
+        return torch.where(valid, 0, -1)
+
+    _, info2 = ProbabilisticChunkMasker(budget=2, num_phases=1, labeler=labeler, seed=0).select(**batch)
+    assert (info2.phases[batch["valid"]] == 0).all()
+    # An explicit gripper overrides the last action dim; convention "zero" means 0 closes.
+    gripper01 = (batch["actions"][..., -1] < 0).float()
+    _, a = ProbabilisticChunkMasker(budget=2, seed=0).select(**batch)
+    _, b = ProbabilisticChunkMasker(budget=2, seed=0, close="zero").select(gripper=gripper01, **batch)
+    assert torch.equal(a.phases, b.phases)
+
+
+def test_all_success_and_all_failure_batches_are_defined():
+    batch = rollouts(seed=4)
+    for outcome in (True, False):
+        batch["success"] = torch.full_like(batch["success"], outcome)
+        sel, info = ProbabilisticChunkMasker(budget=3, seed=0).select(**batch)
+        assert not info.defined.any()
+        assert torch.isfinite(info.keep_probabilities).all()
+        assert torch.equal(sel.counts, batch["valid"].sum(1).clamp_max(3))
+
+
+def test_masker_errors():
+    with pytest.raises(ValueError, match="`budget` must be > 0, got 0"):
+        ProbabilisticChunkMasker(budget=0)
+    with pytest.raises(TypeError, match="`budget` must be an int"):
+        ProbabilisticChunkMasker(budget=2.5)
+    with pytest.raises(ValueError, match="`p_min`"):
+        ProbabilisticChunkMasker(budget=2, p_min=1.5)
+    with pytest.raises(ValueError, match="`weighting`.*'uniform'.*got 'mean'"):
+        ProbabilisticChunkMasker(budget=2, weighting="mean")
+    with pytest.raises(TypeError, match="`labeler` must be callable"):
+        ProbabilisticChunkMasker(budget=2, labeler=3)
+    with pytest.raises(TypeError, match="`generator` must be a torch.Generator"):
+        ProbabilisticChunkMasker(budget=2, generator=0)
+    with pytest.raises(ValueError, match="`close`"):
+        ProbabilisticChunkMasker(budget=2, close="sideways")
+    masker = ProbabilisticChunkMasker(budget=2)
+    with pytest.raises(ValueError, match="`gripper` or `actions`"):
+        masker.label()
+    with pytest.raises(ValueError, match="`actions` must have 4 dimensions"):
+        masker.select(actions=torch.zeros(2, 3, 4), success=torch.ones(2, dtype=torch.bool), group=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"`valid` must have shape \(2, 3\)"):
+        masker.select(actions=torch.zeros(2, 3, 4, 2), success=torch.ones(2, dtype=torch.bool),
+                      group=torch.zeros(2, dtype=torch.long), valid=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="missing keys"):
+        masker.load_state_dict({"budget": 2})
+    other = ProbabilisticChunkMasker(budget=2, num_phases=3).state_dict()
+    with pytest.raises(ValueError, match=r"`state\['num_phases'\]`.*5, got 3"):
+        masker.load_state_dict(other)
+    with pytest.raises(TypeError, match="`state` must be a dict"):
+        masker.load_state_dict([1])

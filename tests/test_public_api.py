@@ -1,0 +1,39 @@
+"""The public namespace: sorted, importable, documented (the mkdocs version of rlax's coverage check)."""
+
+import pathlib
+import re
+
+import chunkmask
+
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_all_is_sorted_and_importable():
+    names = [n for n in chunkmask.__all__ if n != "__version__"]
+    assert names == sorted(names)
+    for name in chunkmask.__all__:
+        assert hasattr(chunkmask, name), name
+
+
+def test_every_public_name_is_documented():
+    text = "\n".join(p.read_text() for p in DOCS.rglob("*.md"))
+    documented = set(re.findall(r"^::: chunkmask\.(?:[a-z_]+\.)?([A-Za-z_][A-Za-z0-9_]*)\s*$", text, re.M))
+    missing = [n for n in chunkmask.__all__ if n != "__version__" and n not in documented]
+    assert not missing, f"not documented under docs/: {missing}"
+
+
+def test_core_import_needs_no_optional_dependency():
+    import subprocess
+    import sys
+
+    # Block the optional packages (a None entry in sys.modules makes their import fail), then
+    # import the whole public namespace.
+    code = (
+        "import sys\n"
+        "for m in ('gymnasium', 'matplotlib', 'tqdm', 'metaworld', 'mujoco', 'ray'):\n"
+        "    sys.modules[m] = None\n"
+        "import chunkmask\n"
+        "for name in chunkmask.__all__:\n"
+        "    getattr(chunkmask, name)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
