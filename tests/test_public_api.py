@@ -37,3 +37,11 @@ def test_core_import_needs_no_optional_dependency():
         "    getattr(chunkmask, name)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_import_in_init_is_exported():
+    import ast
+
+    tree = ast.parse(pathlib.Path(chunkmask.__file__).read_text())
+    imported = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for a in node.names}
+    assert imported == set(chunkmask.__all__) - {"__version__"}

@@ -69,5 +69,6 @@ __all__ = [
     "suggest_budget",
     "top_phase_sample",
     "topk_sample",
+    "uniform_sample",
     "unshrink",
 ]
