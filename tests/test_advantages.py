@@ -153,7 +153,7 @@ def test_nan_reward_raises():
         (
             dict(rewards=torch.zeros(3), group=torch.zeros(3)),
             TypeError,
-            r"`group` must have a int dtype",
+            r"`group` must have an int dtype",
         ),
         (
             dict(

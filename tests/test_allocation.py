@@ -105,6 +105,10 @@ def test_keep_probabilities_errors():
         keep_probabilities(s, power=-1.0)
     with pytest.raises(ValueError, match=r"`power` must be a positive finite number, got inf"):
         keep_probabilities(s, power=math.inf)
+    with pytest.raises(TypeError, match=r"`power` must be a real number, got str"):
+        keep_probabilities(s, power="1")
+    with pytest.raises(ValueError, match=r"`power` must be a positive finite number, got nan"):
+        keep_probabilities(s, power=math.nan)
     with pytest.raises(TypeError, match=r"`scores` must have a float dtype"):
         keep_probabilities(torch.tensor([1, 2]))
     with pytest.raises(TypeError, match=r"`defined` must have a bool dtype"):
@@ -151,7 +155,7 @@ def test_neyman_allocation_equals_brute_force(problem):
         if best[0] == 0:
             assert math.isclose(got[1], best[1], rel_tol=1e-9, abs_tol=1e-12)
         # The row alone (scalar budget) gives the same answer as the batched call.
-        single = neyman_allocation(int(budgets[i]), sizes[i], stds[i], lower=lower)
+        single = neyman_allocation(budgets[i], sizes[i], stds[i], lower=lower)  # 0-d budget
         assert torch.equal(single, alloc[i])
     perm = torch.randperm(sizes.shape[0], generator=torch.Generator().manual_seed(0))
     assert torch.equal(
@@ -186,7 +190,7 @@ def test_neyman_allocation_examples():
     stds = torch.tensor([1.0, 4.0, 0.5])
     assert neyman_allocation(12, sizes, stds).tolist() == [3, 7, 2]
     assert neyman_allocation(100, sizes, stds).tolist() == [20, 10, 30]  # take all
-    assert neyman_allocation(0, sizes, stds).tolist() == [0, 0, 0]
+    assert neyman_allocation(torch.tensor(0), sizes, stds).tolist() == [0, 0, 0]  # per-row 0
     # Zero-variance and empty phases only receive what is left over.
     assert neyman_allocation(
         5, torch.tensor([3, 4, 0]), torch.tensor([1.0, 0.0, 9.0])
@@ -236,8 +240,14 @@ def test_neyman_continuous_uncapped_is_proportional_to_n_sigma():
 def test_neyman_errors():
     sizes = torch.tensor([3, 4])
     stds = torch.tensor([1.0, 2.0])
-    with pytest.raises(ValueError, match=r"`budget` must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"`budget` must be > 0, got -1"):
         neyman_allocation(-1, sizes, stds)
+    with pytest.raises(ValueError, match=r"`budget` must be > 0, got 0"):
+        neyman_allocation(0, sizes, stds)
+    with pytest.raises(ValueError, match=r"`budget` must be >= 0, got a minimum of -1"):
+        neyman_allocation(torch.tensor([-1, 2]), sizes.expand(2, 2), stds.expand(2, 2))
+    with pytest.raises(TypeError, match=r"`budget` must have an int dtype"):
+        neyman_allocation(torch.tensor(2.0), sizes, stds)
     with pytest.raises(TypeError, match=r"`budget` must be an int or an integer tensor, got float"):
         neyman_allocation(2.5, sizes, stds)
     with pytest.raises(ValueError, match=r"`budget` must be a scalar or have the batch shape \(\)"):
@@ -250,7 +260,7 @@ def test_neyman_errors():
         neyman_allocation(2, sizes, torch.tensor([math.nan, 1.0]))
     with pytest.raises(ValueError, match=r"`stds` must have the same shape as `sizes` \(2,\)"):
         neyman_allocation(2, sizes, torch.ones(3))
-    with pytest.raises(TypeError, match=r"`sizes` must have a int dtype"):
+    with pytest.raises(TypeError, match=r"`sizes` must have an int dtype"):
         neyman_allocation(2, sizes.float(), stds)
     with pytest.raises(ValueError, match=r"`lower` must be >= 0, got -1"):
         neyman_allocation(2, sizes, stds, lower=-1)
@@ -258,8 +268,14 @@ def test_neyman_errors():
         ValueError, match=r"`lower` \(capped at `sizes`\) must sum to at most `budget`"
     ):
         neyman_allocation(3, sizes, stds, lower=2)
-    with pytest.raises(ValueError, match=r"`budget` must be finite and non-negative"):
+    with pytest.raises(ValueError, match=r"`budget` must be > 0, got -1.0"):
         neyman_allocation_continuous(-1.0, sizes, stds)
+    with pytest.raises(ValueError, match=r"`budget` must be > 0, got 0"):
+        neyman_allocation_continuous(0, sizes, stds)
+    with pytest.raises(ValueError, match=r"`budget` must be > 0, got nan"):
+        neyman_allocation_continuous(math.nan, sizes, stds)
+    with pytest.raises(ValueError, match=r"`budget` must be finite and non-negative"):
+        neyman_allocation_continuous(torch.tensor(-1.0), sizes, stds)
     with pytest.raises(ValueError, match=r"`sizes` must be finite and non-negative"):
         neyman_allocation_continuous(2, torch.tensor([1.0, -1.0]), stds)
     with pytest.raises(ValueError, match=r"`stds` must be finite and non-negative"):

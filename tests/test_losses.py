@@ -154,7 +154,8 @@ def test_clipped_surrogate_log_ratio_clamp_and_broadcast():
     logp = torch.tensor([[50.0, -50.0]])
     out = clipped_surrogate(logp, torch.zeros(1, 2), torch.tensor([[-1.0, 1.0]]))
     torch.testing.assert_close(out.ratio, torch.tensor([[math.exp(20.0), math.exp(-20.0)]]))
-    assert torch.isfinite(out.loss).all()
+    # A = -1 with ratio e^20: max(e^20, 0.8 clip) = e^20; A = 1 with ratio e^-20: -e^-20.
+    torch.testing.assert_close(out.loss, torch.tensor([[math.exp(20.0), -math.exp(-20.0)]]))
     per_token = clipped_surrogate(logp, torch.zeros(1, 2), torch.tensor([2.0, 2.0])[None])
     broadcast = clipped_surrogate(logp, torch.zeros(1, 2), torch.tensor([2.0]))
     torch.testing.assert_close(per_token.loss, broadcast.loss)
@@ -1045,7 +1046,7 @@ def test_clipped_surrogate_errors(kwargs, error, match):
         (
             dict(loss=torch.zeros(2, 3), segment=torch.zeros(2)),
             TypeError,
-            r"`segment` must have a int dtype",
+            r"`segment` must have an int dtype",
         ),
         (
             dict(loss=torch.zeros(2, 3), num_segments=2),

@@ -110,7 +110,14 @@ def test_close_fraction_matches_reference(n_traj, n_chunk, n_step, close, seed):
 def test_close_fraction_int_and_bf16():
     g = torch.tensor([[[0, 1, 1, 1]]])
     assert gripper_close_fraction(g).tolist() == [[0.75]]
-    assert gripper_close_fraction(g.to(torch.bfloat16)).dtype == torch.float32
+    low = gripper_close_fraction(g.to(torch.bfloat16))
+    assert low.dtype == torch.float32 and low.tolist() == [[0.75]]
+    half = torch.tensor([[[-1.0, 0.5, 0.25, 1.0], [0.0, 0.0, 1.0, 1.0]]], dtype=torch.bfloat16)
+    for close, threshold in (("positive", None), ("zero", None), ("threshold", 0.25)):
+        torch.testing.assert_close(
+            gripper_close_fraction(half, close=close, threshold=threshold),
+            gripper_close_fraction(half.double(), close=close, threshold=threshold).float(),
+        )
 
 
 def test_close_fraction_errors():

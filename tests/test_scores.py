@@ -144,7 +144,8 @@ def test_fully_padded_batch():
     batch["valid"] = torch.zeros(4, 3, dtype=torch.bool)
     batch["features"][:] = float("nan")
     out = run(batch)
-    assert not out.defined.any() and torch.isfinite(out.scores).all()
+    assert not out.defined.any() and not out.group_defined.any()
+    assert (out.scores == 0).all() and (out.group_scores == 0).all()
 
 
 def test_mixed_group_counts_only_when_phase_on_both_sides():
@@ -465,6 +466,20 @@ def test_buffer_errors():
         buf.load_state_dict(dict(state, window_count=[0, 0, 0]))
     with pytest.raises(ValueError, match=r"`state\['num_updates'\]`"):
         buf.load_state_dict(dict(state, num_updates=-1))
+
+
+def test_buffer_defaults_are_the_papers():
+    buf = PhaseScoreBuffer(NUM_PHASES)
+    assert (buf.refresh_every, buf.p_min, buf.power) == (5, 0.1, 1.0)
+    s = torch.tensor([0.0, 1.0, 2.0, 4.0, 0.2])
+    assert torch.equal(buf.update(s), keep_probabilities(s).float())  # the first batch initialises
+    for _ in range(3):
+        held = buf.update(torch.tensor([4.0, 0.0, 0.0, 0.0, 0.0]))
+        assert torch.equal(held, keep_probabilities(s).float())  # held until update 5
+    fresh = buf.update(torch.tensor([4.0, 0.0, 0.0, 0.0, 0.0]))
+    # Eq. 7 over the five buffered steps: means (3.2, 0.2, 0.4, 0.8, 0.04).
+    want = keep_probabilities(torch.tensor([3.2, 0.2, 0.4, 0.8, 0.04], dtype=torch.float64))
+    torch.testing.assert_close(fresh, want.float())
 
 
 def test_buffer_detaches_scores():

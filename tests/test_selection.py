@@ -68,6 +68,8 @@ def test_from_mask_errors():
         Selection.from_mask(torch.zeros(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="`valid`.*\\(2, 3\\).*\\(2, 4\\)"):
         Selection.from_mask(torch.zeros(2, 3, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="`mask` must select only valid chunks, got 1 outside `valid`"):
+        Selection.from_mask(torch.tensor([[True, True, False]]), torch.tensor([[True, False, False]]))
     with pytest.raises(ValueError, match="`k`.*largest row count 3.*got 2"):
         Selection.from_mask(torch.ones(2, 3, dtype=torch.bool), k=2)
     with pytest.raises(ValueError, match="`k` must be > 0"):

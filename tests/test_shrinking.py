@@ -137,5 +137,8 @@ def test_shrink_compiles_fullgraph_with_static_size():
     def fn(t, s):
         return shrink(t, s, size=4, validate_args=False)
 
-    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, sel), fn(x, sel))
+    xg = x.clone().requires_grad_()
+    compiled(xg, sel).square().sum().backward()
+    torch.testing.assert_close(xg.grad, unshrink(2 * fn(x, sel), sel))

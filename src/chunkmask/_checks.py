@@ -43,7 +43,8 @@ def check_tensor(
         )
         if not ok:
             wanted = " or ".join(str(d) for d in allowed)
-            raise TypeError(f"`{name}` must have a {wanted} dtype, got {x.dtype}.")
+            article = "an" if wanted[0] in "aeiou" else "a"
+            raise TypeError(f"`{name}` must have {article} {wanted} dtype, got {x.dtype}.")
     if ndim is not None:
         ranks = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if x.ndim not in ranks:

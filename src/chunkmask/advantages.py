@@ -21,6 +21,23 @@ from chunkmask._checks import (
 __all__ = ["group_relative_advantages"]
 
 
+def _dense_group_ids(group: Tensor) -> Tensor:
+    """Map arbitrary integer labels to dense ids in `[0, traj)`, without a host sync.
+
+    Labels are ranked in ascending order (equal labels share an id). Unlike
+    `torch.unique(return_inverse=True)` every shape is static, so the step neither waits for the
+    device nor breaks a `torch.compile` graph. The ids are `0..G-1` with `G <= traj`, so `traj`
+    buckets always suffice for the segment reductions.
+    """
+    n = group.shape[0]
+    sorted_labels, order = torch.sort(group.to(torch.int64), stable=True)
+    starts = torch.ones(n, dtype=torch.int64, device=group.device)
+    if n > 1:
+        starts[1:] = (sorted_labels[1:] != sorted_labels[:-1]).to(torch.int64)
+    dense_sorted = torch.cumsum(starts, dim=0) - 1
+    return torch.empty_like(dense_sorted).scatter_(0, order, dense_sorted)
+
+
 def group_relative_advantages(
     rewards: Real[Tensor, " traj"] | Bool[Tensor, " traj"],
     group: Int[Tensor, " traj"],
@@ -56,6 +73,8 @@ def group_relative_advantages(
       (use it for rollouts dropped by dynamic sampling or truncated by the environment).
     - Statistics are computed in float64. A floating `rewards` returns its own dtype; an integer
       or bool `rewards` returns float32.
+    - With `validate_args=False` there is no host synchronisation (group labels are ranked by
+      a sort, not `torch.unique`).
 
     Args:
         rewards: `(traj,)` outcome reward of each trajectory (float, int or bool).
@@ -105,8 +124,7 @@ def group_relative_advantages(
     keep = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid
     # Sanitise before any arithmetic so that NaN/Inf in excluded rewards cannot leak.
     r = torch.where(keep, rewards.to(torch.float64), 0.0)
-    # Dense 0..G-1 ids for arbitrary labels; G <= traj, so traj buckets always suffice.
-    _, gid = torch.unique(group, return_inverse=True)
+    gid = _dense_group_ids(group)
     zeros = torch.zeros(n, dtype=torch.float64, device=rewards.device)
     count = zeros.index_add(0, gid, keep.to(torch.float64))
     total = zeros.index_add(0, gid, r)

@@ -80,7 +80,8 @@ def keep_probabilities(
         `(*b, phase)` keep probabilities in `[floor, 1]`, float32 (float64 for float64 input).
 
     Raises:
-        TypeError: if `scores` is not floating point or `defined` is not bool.
+        TypeError: if `scores` is not floating point, `defined` is not bool or `power` is not a
+            number.
         ValueError: if the shapes disagree, `floor` is outside (0, 1], `power` is not positive, or
             (with `validate_args`) a defined score is negative or not finite.
 
@@ -103,7 +104,9 @@ def keep_probabilities(
         check_same_shape(defined, "defined", scores, "scores")
         check_same_device(defined, "defined", scores, "scores")
     floor = check_probability(floor, "floor")
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
+    if isinstance(power, bool) or not isinstance(power, (int, float)):
+        raise TypeError(f"`power` must be a real number, got {type(power).__name__}.")
+    if not power > 0:
         raise ValueError(f"`power` must be a positive finite number, got {power!r}.")
     if power == float("inf"):
         raise ValueError(f"`power` must be a positive finite number, got {power!r}.")
@@ -129,7 +132,11 @@ def keep_probabilities(
 
 
 def _check_budget(budget: "int | Tensor", batch_shape: torch.Size, device: torch.device) -> Tensor:
-    """Return the budget as an int64 tensor broadcast to ``batch_shape`` (checked, >= 0)."""
+    """Return the budget as an int64 tensor broadcast to ``batch_shape``.
+
+    A scalar int budget must be > 0 (a budget of nothing is a configuration error); entries of a
+    per-row tensor budget must be >= 0 (a row with no chunk available legitimately gets 0).
+    """
     if isinstance(budget, Tensor):
         check_tensor(budget, "budget", dtypes="int")
         if budget.ndim != 0 and budget.shape != batch_shape:
@@ -144,8 +151,8 @@ def _check_budget(budget: "int | Tensor", batch_shape: torch.Size, device: torch
         raise TypeError(
             f"`budget` must be an int or an integer tensor, got {type(budget).__name__}."
         )
-    if budget < 0:
-        raise ValueError(f"`budget` must be >= 0, got {budget}.")
+    if budget <= 0:
+        raise ValueError(f"`budget` must be > 0, got {budget}.")
     return torch.full(batch_shape, budget, dtype=torch.int64, device=device)
 
 
@@ -203,8 +210,8 @@ def neyman_allocation(
         - `lower` is capped at the phase size: $\ell_c \leftarrow \min(\ell_c, N_c)$.
 
     Args:
-        budget: total number of chunks $B \ge 0$; an int, or an integer tensor with the batch
-            shape `(*b,)` for a budget per row.
+        budget: total number of chunks $B$; an int $B \ge 1$, or an integer tensor (entries
+            $\ge 0$) with the batch shape `(*b,)` for a budget per row.
         sizes: `(*b, phase)` integer phase sizes $N_c \ge 0$ (the caps).
         stds: `(*b, phase)` per-phase standard deviations $\sigma_c \ge 0$ (any proxy
             proportional to them, e.g. `scores ** 0.5`, gives the same allocation).
@@ -215,8 +222,9 @@ def neyman_allocation(
 
     Raises:
         TypeError: if `sizes` or `lower` is not integer, `stds` not floating, or `budget` not int.
-        ValueError: if shapes disagree, a size, std, lower bound or budget is negative or not
-            finite, or the capped lower bounds exceed the budget.
+        ValueError: if shapes disagree, an int `budget` is <= 0, a size, std, lower bound or
+            tensor budget entry is negative or not finite, or the capped lower bounds exceed the
+            budget.
 
     Examples:
         >>> import torch
@@ -301,7 +309,8 @@ def neyman_allocation_continuous(
         - Rounding this result to integers is not optimal; use `neyman_allocation` for that.
 
     Args:
-        budget: total budget $B \ge 0$ (number, or tensor with the batch shape `(*b,)`).
+        budget: total budget, a number $B > 0$ or a tensor (entries $\ge 0$) with the batch
+            shape `(*b,)`.
         sizes: `(*b, phase)` phase sizes $N_c \ge 0$ (integer or floating).
         stds: `(*b, phase)` standard deviations $\sigma_c \ge 0$.
 
@@ -310,7 +319,8 @@ def neyman_allocation_continuous(
 
     Raises:
         TypeError: if `budget` is not a number or a real tensor.
-        ValueError: if shapes disagree or any input is negative or not finite.
+        ValueError: if shapes disagree, a number `budget` is <= 0, or any input is negative or
+            not finite.
 
     Examples:
         >>> import torch
@@ -344,6 +354,8 @@ def neyman_allocation_continuous(
     else:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise TypeError(f"`budget` must be a number or a tensor, got {type(budget).__name__}.")
+        if not budget > 0:
+            raise ValueError(f"`budget` must be > 0, got {budget}.")
         b = torch.full(batch_shape, float(budget), dtype=torch.float64, device=n.device)
     if bool((~torch.isfinite(b) | (b < 0)).any()):
         raise ValueError("`budget` must be finite and non-negative.")

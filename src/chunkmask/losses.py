@@ -507,7 +507,7 @@ def masked_grpo_loss(
 
     Raises:
         TypeError: on a wrong tensor dtype or a `selection` that is not a `Selection`.
-        ValueError: on mismatched shapes, unknown option strings, invalid clip values, a
+        ValueError: on mismatched shapes or devices, unknown option strings, invalid clip values, a
             missing `inclusion`/`entropy`/`ref_logp` that is needed, or (with `validate_args`)
             failed value checks.
 
@@ -524,9 +524,12 @@ def masked_grpo_loss(
     for value, name in ((logp, "logp"), (old_logp, "old_logp")):
         check_tensor(value, name, ndim=(1, 2), dtypes="float")
     check_same_shape(old_logp, "old_logp", logp, "logp")
+    check_same_device(old_logp, "old_logp", logp, "logp")
     if not isinstance(selection, Selection):
         raise TypeError(f"`selection` must be a Selection, got {type(selection).__name__}.")
     check_tensor(advantages, "advantages", dtypes="float")
+    check_same_device(advantages, "advantages", logp, "logp")
+    check_same_device(selection.mask, "selection", logp, "logp")
     check_option(loss_agg_mode, "loss_agg_mode", AGGREGATION_MODES)
     check_option(estimator, "estimator", _ESTIMATORS)
     check_option(kl_type, "kl_type", _KL_TYPES)
@@ -545,6 +548,7 @@ def masked_grpo_loss(
         if value is not None:
             check_tensor(value, name, dtypes="float")
             check_same_shape(value, name, logp, "logp")
+            check_same_device(value, name, logp, "logp")
     if entropy_coef != 0.0 and entropy is None:
         raise ValueError(
             f"`entropy` is required when `entropy_coef` is non-zero, got {entropy_coef}."
@@ -559,6 +563,7 @@ def masked_grpo_loss(
             )
         check_tensor(inclusion, "inclusion", ndim=1, dtypes="float")
         check_shape(inclusion, "inclusion", (packed,))
+        check_same_device(inclusion, "inclusion", logp, "logp")
     if validate_args:
         selected = int(selection.mask.sum())
         if selected != packed:

@@ -121,7 +121,7 @@ class ProbabilisticChunkMasker:
         p_min: float = 0.1,
         power: float = 1.0,
         weighting: Literal["uniform", "balance"] = "uniform",
-        close: str = "positive",
+        close: Literal["positive", "zero", "negative", "threshold"] = "positive",
         close_threshold: float | None = None,
         labeler: Callable[[Tensor, Tensor], Tensor] | None = None,
         inclusion: bool = False,

@@ -218,8 +218,8 @@ def inclusion_probabilities(
           within a ratio of $10^3$, $10^{-8}$ at $10^4$ and $10^{-7}$ at $10^9$; raise
           `num_nodes` (64 gives about $10^{-14}$ for ratios up to $10^3$) for more.
         - The cost is $O(\text{traj} \cdot \text{nodes} \cdot N \cdot k)$ in float64 with a
-          Python loop over the `N` chunks; it syncs once. Compute it once per step, without
-          gradient.
+          Python loop over the `N` chunks; it synchronises with the host (the value check and
+          the take-all shortcut). Compute it once per step, without gradient.
 
     Args:
         weights: `(traj, chunk)` non-negative chunk weights, as given to `plackett_luce_sample`.
@@ -376,8 +376,11 @@ def stratified_sample(
         raise ValueError("`allocation` must request at least one chunk in some trajectory.")
     phase = torch.where(valid, phases.to(torch.int64), num_phases)  # padding -> extra phase
     u = _uniform((num_traj, n), generator, phases, torch.float64)
-    # Sorting by phase + u groups each phase together in a uniformly random order.
-    order = torch.sort(phase.to(torch.float64) + u, dim=1).indices
+    # A random shuffle, then a stable sort by phase: each phase's chunks lie together, in a
+    # uniformly random order (no float key `phase + u`, whose rounding could mix phases).
+    shuffle = torch.argsort(u, dim=1)
+    by_phase = torch.sort(torch.gather(phase, 1, shuffle), dim=1, stable=True).indices
+    order = torch.gather(shuffle, 1, by_phase)
     sorted_phase = torch.gather(phase, 1, order)
     sizes = torch.zeros(num_traj, num_phases + 1, dtype=torch.int64, device=phases.device)
     sizes.scatter_add_(1, phase, torch.ones_like(phase))
@@ -435,6 +438,7 @@ def top_phase_sample(
     *,
     valid: Bool[Tensor, "traj chunk"] | None = None,
     generator: torch.Generator | None = None,
+    validate_args: bool = True,
 ) -> Selection:
     r"""Draw `k` chunks uniformly from the single highest-scoring phase present in each trajectory.
 
@@ -460,6 +464,8 @@ def top_phase_sample(
         k: number of slots per trajectory (>= 1).
         valid: `(traj, chunk)` bool, False at padding. Defaults to `phases >= 0`.
         generator: optional `torch.Generator`.
+        validate_args: check that no score is NaN and that valid phase ids are in range (one
+            host sync). Without it, valid chunks with an out-of-range id are never drawn.
 
     Returns:
         A `Selection` with `k` slots.
@@ -467,8 +473,8 @@ def top_phase_sample(
     Raises:
         TypeError: if `phases` is not integer, `scores` not real, `valid` not bool or `k` not an
             int.
-        ValueError: if shapes disagree, `k <= 0`, a score is NaN, or a valid chunk has a phase
-            id outside `[0, phase)`.
+        ValueError: if shapes disagree, `k <= 0`, or (with `validate_args`) a score is NaN or a
+            valid chunk has a phase id outside `[0, phase)`.
 
     Examples:
         >>> import torch
@@ -488,19 +494,20 @@ def top_phase_sample(
             f"`scores` must have shape ({num_traj}, phase) or (phase,), got {tuple(scores.shape)}."
         )
     num_phases = scores.shape[-1]
-    if bool(torch.isnan(scores).any()):
+    if validate_args and bool(torch.isnan(scores).any()):
         raise ValueError("`scores` must not contain NaN.")
     if valid is None:
         valid = phases >= 0
     else:
         valid = resolve_valid(valid, phases, ref_name="phases") & (phases >= 0)
-    bad = valid & (phases >= num_phases)
-    if bool(bad.any()):
-        raise ValueError(
-            f"`phases` must lie in [0, {num_phases}) (the size of `scores`' last axis) at valid "
-            f"chunks, got a maximum of {int(phases[valid].max())}."
-        )
-    phase = torch.where(valid, phases.to(torch.int64), num_phases)
+    if validate_args:
+        bad = valid & (phases >= num_phases)
+        if bool(bad.any()):
+            raise ValueError(
+                f"`phases` must lie in [0, {num_phases}) (the size of `scores`' last axis) at "
+                f"valid chunks, got a maximum of {int(phases[valid].max())}."
+            )
+    phase = torch.where(valid & (phases < num_phases), phases.to(torch.int64), num_phases)
     present = torch.zeros(num_traj, num_phases + 1, dtype=torch.bool, device=phases.device)
     present = present.scatter(1, phase, True)[:, :num_phases]
     # -inf scores become the lowest finite value so that any present phase beats an absent one;
@@ -518,6 +525,7 @@ def topk_sample(
     k: int,
     *,
     valid: Bool[Tensor, "traj chunk"] | None = None,
+    validate_args: bool = True,
 ) -> Selection:
     r"""Keep the `k` valid chunks with the highest score in each trajectory (deterministic).
 
@@ -537,13 +545,14 @@ def topk_sample(
         scores: `(traj, chunk)` per-chunk scores $h_{i,t}$.
         k: number of slots per trajectory (>= 1); rows with fewer valid chunks take all.
         valid: `(traj, chunk)` bool, False at padding. Defaults to all True.
+        validate_args: check that no valid score is NaN (one host sync).
 
     Returns:
         A `Selection` with `k` slots.
 
     Raises:
         TypeError: if `scores` is not real, `valid` not bool, or `k` not an int.
-        ValueError: if shapes disagree, `k <= 0`, or a valid score is NaN.
+        ValueError: if shapes disagree, `k <= 0`, or (with `validate_args`) a valid score is NaN.
 
     Examples:
         >>> import torch
@@ -554,7 +563,7 @@ def topk_sample(
     check_tensor(scores, "scores", ndim=2, dtypes=("int", "float"))
     k = check_positive_int(k, "k")
     valid = resolve_valid(valid, scores, ref_name="scores")
-    if bool((valid & torch.isnan(scores)).any()):
+    if validate_args and bool((valid & torch.isnan(scores)).any()):
         raise ValueError("`scores` must not be NaN at valid chunks.")
     n = scores.shape[1]
     s = scores.to(torch.float64)

@@ -12,7 +12,7 @@ import torch
 from jaxtyping import Bool, Int64
 from torch import Tensor
 
-from chunkmask._checks import check_positive_int, check_tensor
+from chunkmask._checks import check_positive_int, check_same_device, check_tensor
 
 
 class Selection(NamedTuple):
@@ -63,7 +63,7 @@ class Selection(NamedTuple):
             size = self.num_selected()
         ends = torch.cumsum(self.counts, dim=0)
         position = torch.arange(size, device=self.indices.device)
-        return torch.searchsorted(ends, position, right=True)
+        return torch.searchsorted(ends, position, right=True).clamp_max(max(self.num_traj - 1, 0))
 
     def packed_slot_index(self, size: int | None = None) -> tuple[Tensor, Tensor]:
         """`(traj, slot)` coordinates of each packed item, each `(M,)` int64."""
@@ -115,8 +115,8 @@ class Selection(NamedTuple):
 
         Raises:
             TypeError: if `mask` is not a bool tensor.
-            ValueError: if `mask` is not 2-D, `valid` has another shape, or a row selects more than
-                `k` chunks.
+            ValueError: if `mask` is not 2-D, `valid` has another shape or device, `mask` selects
+                a chunk outside `valid`, or a row selects more than `k` chunks.
 
         Examples:
             >>> import torch
@@ -131,6 +131,12 @@ class Selection(NamedTuple):
                 raise ValueError(
                     f"`valid` must have the same shape as `mask` {tuple(mask.shape)}, "
                     f"got {tuple(valid.shape)}."
+                )
+            check_same_device(valid, "valid", mask, "mask")
+            outside = int((mask & ~valid).sum())
+            if outside:
+                raise ValueError(
+                    f"`mask` must select only valid chunks, got {outside} outside `valid`."
                 )
         n = mask.shape[1]
         k = n if k is None else check_positive_int(k, "k")

@@ -124,3 +124,72 @@ def masked_grpo_loss(
         "kl": kld,
         "total": policy - entropy_coef * ent + kl_coef * kld,
     }
+
+
+def policy_loss_by_hand(
+    logp,
+    old_logp,
+    adv,
+    token_mask,
+    selected,
+    mode,
+    *,
+    k,
+    clip_low=0.2,
+    clip_high=0.28,
+    dual_clip=None,
+    estimator="masked",
+    inclusion=None,
+    num_chunks=None,
+):
+    """The policy loss on the full dense `(traj, chunk, token)` tensors, differentiable.
+
+    Unselected chunks and invalid tokens are removed by hand (Python loops pick the kept entries
+    one at a time, so nothing else is ever read); each kept token's surrogate is written out
+    with scalar tensor ops, and the modes are the sums of `aggregate`. `adv` is `(traj,)`,
+    `inclusion` `(traj, chunk)` (floats), `num_chunks` a list. Returns a 0-d tensor whose
+    gradient flows to `logp`.
+    """
+    import torch
+
+    traj, n, tokens = logp.shape
+    ht = estimator == "horvitz_thompson"
+    zero = logp.new_zeros(())
+    seq_sum, seq_count = [], []
+    for i in range(traj):
+        s, c = zero, 0
+        for t in range(n):
+            if not bool(selected[i][t]):
+                continue
+            w = 1.0 / float(inclusion[i][t]) if ht else 1.0
+            for j in range(tokens):
+                if not bool(token_mask[i][t][j]):
+                    continue
+                a = float(adv[i])
+                ratio = torch.exp(torch.clamp(logp[i, t, j] - float(old_logp[i, t, j]), -20, 20))
+                term = torch.maximum(
+                    -a * ratio, -a * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+                )
+                if dual_clip is not None and a < 0:
+                    term = torch.minimum(term, zero - a * dual_clip)
+                s = s + w * term
+                c += 1
+        seq_sum.append(s)
+        seq_count.append(c)
+    total = sum(seq_sum, zero)
+    if mode == "token-mean":
+        den = sum(num_chunks) * tokens if ht else sum(seq_count)
+        return total / den if den > 0 else zero
+    if mode == "seq-mean-token-mean":
+        per = []
+        for i in range(traj):
+            den = num_chunks[i] * tokens if ht else seq_count[i]
+            if den > 0:
+                per.append(seq_sum[i] / den)
+        return sum(per, zero) / len(per) if per else zero
+    if mode == "seq-mean-token-sum":
+        g = sum(1 for i in range(traj) if (num_chunks[i] > 0 if ht else seq_count[i] > 0))
+        return total / g if g > 0 else zero
+    if mode == "seq-mean-token-sum-norm":
+        return total / ((n if ht else k) * tokens)
+    raise ValueError(mode)
