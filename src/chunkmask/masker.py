@@ -84,7 +84,7 @@ class ProbabilisticChunkMasker:
         labeler: optional callable `labeler(gripper, valid) -> phases (traj, N) int64` replacing
             the gripper rule.
         inclusion: also return the exact inclusion probabilities `pi` (for the Horvitz-Thompson
-            estimator of `masked_grpo_loss`); costs about 50 ms at 80 x 64 on one CPU core.
+            estimator of `masked_grpo_loss`); costs a few hundred ms at 80 x 64 on one CPU core.
         seed: seed of the masker's own CPU generator (ignored when `generator` is given).
         generator: a `torch.Generator` to draw with.
         process_group: a `torch.distributed` group; the score buffer all-reduces its statistics

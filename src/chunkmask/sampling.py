@@ -185,7 +185,7 @@ def inclusion_probabilities(
     k: int,
     *,
     valid: Bool[Tensor, "traj chunk"] | None = None,
-    num_nodes: int = 32,
+    num_nodes: int = 64,
 ) -> Float64[Tensor, "traj chunk"]:
     r"""Exact first-order inclusion probabilities $\pi_t = P(t \in S)$ of `plackett_luce_sample`.
 
@@ -213,10 +213,11 @@ def inclusion_probabilities(
           P(N_{-i}(t) \ge k)\, dt$, whose integrand, like the direct one for the other items,
           lives on the time scale $\tau$. This keeps the quadrature accurate when the weights
           span many orders of magnitude.
-        - $\sum_t \pi_t = \min(k, \#\{t : w_t > 0\})$ up to quadrature error. With the default 32
-          nodes the absolute error measured against enumeration is about $10^{-10}$ for weights
-          within a ratio of $10^3$, $10^{-8}$ at $10^4$ and $10^{-7}$ at $10^9$; raise
-          `num_nodes` (64 gives about $10^{-14}$ for ratios up to $10^3$) for more.
+        - $\sum_t \pi_t = \min(k, \#\{t : w_t > 0\})$ up to quadrature error. With the default 64
+          nodes the largest absolute error measured against enumeration (random cases, n <= 6)
+          is about $10^{-13}$ for weight ratios up to $10^3$ and $10^{-8}$ up to $10^6$. 32
+          nodes halve the cost and reach about $10^{-10}$ on such cases, but $2.5 \cdot 10^{-8}$
+          on weights (0.5, 0.001, 0.001) with k = 2.
         - The cost is $O(\text{traj} \cdot \text{nodes} \cdot N \cdot k)$ in float64 with a
           Python loop over the `N` chunks; it synchronises with the host (the value check and
           the take-all shortcut). Compute it once per step, without gradient.
