@@ -1,0 +1,315 @@
+"""The main job: SFT, then GRPO and PCM from the same checkpoint, a summary table and plots."""
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chunkmask.allocation import suggest_budget
+from chunkmask.phases import NUM_PHASES
+from chunkmask.scores import success_failure_variance
+from chunkmask.testbed.env import PickPlaceConfig, PickPlaceVectorEnv, sample_initial_states
+from chunkmask.testbed.expert import collect_demonstrations
+from chunkmask.testbed.plots import (
+    eval_curve,
+    plot_captured_v,
+    plot_phase_allocation,
+    plot_success,
+)
+from chunkmask.testbed.policy import ChunkPolicy
+from chunkmask.testbed.rollout import rollout
+from chunkmask.testbed.sft import behaviour_cloning
+from chunkmask.testbed.trainer import TrainConfig, held_out_states, label_phases, train
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the main job (the defaults are the full demo; `quick()` is a smoke test).
+
+    Attributes:
+        seed: seeds demonstrations, SFT and RL.
+        demos: expert episodes for SFT.
+        sft_steps: behaviour-cloning steps.
+        d_model: policy width.
+        depth: policy layers.
+        train: the GRPO/PCM `TrainConfig` (its `selector` is set per run).
+        max_steps: environment time limit (steps).
+        threshold_frac: the success threshold is this fraction of GRPO's final success.
+        final_window: evaluations averaged into "final success" and into the smoothed curve
+            used for the time to threshold.
+        budget_probe_prompts: prompts of the rollout batch used for the captured-V curve.
+        keep_failed_demos: also clone unsuccessful expert episodes (the quick run's episodes are
+            too short for the expert to finish).
+    """
+
+    seed: int = 0
+    demos: int = 200
+    sft_steps: int = 600
+    d_model: int = 128
+    depth: int = 4
+    train: TrainConfig = field(default_factory=TrainConfig)
+    max_steps: int = 512
+    threshold_frac: float = 0.98
+    final_window: int = 3
+    budget_probe_prompts: int = 8
+    keep_failed_demos: bool = False
+
+    @staticmethod
+    def quick() -> "DemoConfig":
+        """A seconds-long configuration with the same outputs."""
+        return DemoConfig(
+            demos=2,
+            sft_steps=3,
+            d_model=16,
+            depth=1,
+            train=TrainConfig(
+                steps=2,
+                prompts_per_step=2,
+                group_size=3,
+                budget=3,
+                eval_episodes=3,
+                eval_every=1,
+                mini_batch=3,
+            ),
+            max_steps=32,
+            budget_probe_prompts=2,
+            keep_failed_demos=True,
+        )
+
+
+def make_policy(cfg: DemoConfig, env_cfg: PickPlaceConfig) -> ChunkPolicy:
+    """The demo's policy architecture."""
+    env = PickPlaceVectorEnv(1, env_cfg)
+    return ChunkPolicy(
+        env.layout,
+        num_tasks=env_cfg.num_objects,
+        d_model=cfg.d_model,
+        depth=cfg.depth,
+        heads=4 if cfg.d_model % 4 == 0 else 1,
+        gradient_checkpointing=True,
+    )
+
+
+def sft_checkpoint(
+    cfg: DemoConfig, env_cfg: PickPlaceConfig, path: Path, *, progress: bool = False
+) -> dict[str, Any]:
+    """Behaviour-clone a policy on expert demonstrations; cached at `path`."""
+    if path.exists():
+        return torch.load(path)
+    torch.manual_seed(cfg.seed)
+    demos = collect_demonstrations(
+        cfg.demos,
+        config=env_cfg,
+        seed=cfg.seed + 17,
+        successful_only=not cfg.keep_failed_demos,
+    )
+    policy = make_policy(cfg, env_cfg)
+    behaviour_cloning(
+        policy,
+        demos,
+        steps=cfg.sft_steps,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        progress=progress,
+    )
+    state = policy.state_dict()
+    torch.save(state, path)
+    return state
+
+
+def captured_v_curve(
+    policy: ChunkPolicy, cfg: DemoConfig, env_cfg: PickPlaceConfig
+) -> dict[str, Any]:
+    """Rollout groups from `policy`, their phase scores `V_c`, and the budget knee (App. D)."""
+    group_size = cfg.train.group_size
+    prompts = sample_initial_states(
+        cfg.budget_probe_prompts,
+        config=env_cfg,
+        generator=torch.Generator().manual_seed(cfg.seed + 555),
+    )
+    env = PickPlaceVectorEnv(cfg.budget_probe_prompts * group_size, env_cfg)
+    batch = rollout(
+        policy,
+        env,
+        prompts.repeat_interleave(group_size),
+        temperature=cfg.train.temperature,
+        generator=torch.Generator().manual_seed(cfg.seed + 556),
+    )
+    group = torch.arange(cfg.budget_probe_prompts).repeat_interleave(group_size)
+    phases = label_phases(batch.actions, batch.valid)
+    v = success_failure_variance(
+        batch.actions, phases, batch.success, group, num_phases=NUM_PHASES, valid=batch.valid
+    )
+    chunk_scores = torch.where(batch.valid, v.scores[phases.clamp_min(0)], 0.0)
+    result: dict[str, Any] = {
+        "V_c": v.scores.tolist(),
+        "V_defined": v.defined.tolist(),
+        "success_rate": float(batch.success.float().mean()),
+    }
+    if float(chunk_scores.sum()) > 0:
+        s = suggest_budget(chunk_scores, batch.valid)
+        result.update(
+            budget=s.budget,
+            fraction=s.fraction,
+            curve_x=s.curve_x.tolist(),
+            curve_y=s.curve_y.tolist(),
+        )
+    else:  # no group with mixed outcomes: no ranking, keep everything
+        n = batch.valid.shape[1]
+        grid = [m / n for m in range(n + 1)]
+        result.update(budget=n, fraction=1.0, curve_x=grid, curve_y=grid)
+    return result
+
+
+def summarize(
+    runs: dict[str, list[dict[str, Any]]], *, threshold_frac: float, window: int
+) -> dict[str, Any]:
+    """Final success, time to threshold, speedups and update share of GRPO and PCM runs."""
+
+    def final(records: list[dict[str, Any]]) -> float:
+        _, _, success = eval_curve(records)
+        tail = success[-window:]
+        return sum(tail) / len(tail)
+
+    grpo_final = final(runs["grpo"])
+    threshold = threshold_frac * grpo_final
+    out: dict[str, Any] = {"threshold": threshold, "threshold_frac": threshold_frac}
+    for name, records in runs.items():
+        steps, wall, success = eval_curve(records)
+        smooth = [
+            sum(success[max(0, i - window + 1) : i + 1])
+            / len(success[max(0, i - window + 1) : i + 1])
+            for i in range(len(success))
+        ]
+        hit = next((i for i, s in enumerate(smooth) if i > 0 and s >= threshold), None)
+        rollout_s = sum(r["rollout_s"] for r in records)
+        update_s = sum(r["update_s"] for r in records)
+        executed = sum(r["chunks_executed"] for r in records)
+        updated = sum(r["chunks_updated"] for r in records)
+        out[name] = {
+            "final_success": final(records),
+            "initial_success": success[0],
+            "time_to_threshold_s": None if hit is None else wall[hit],
+            "steps_to_threshold": None if hit is None else steps[hit],
+            "train_time_s": rollout_s + update_s,
+            "rollout_s": rollout_s,
+            "update_s": update_s,
+            "update_share": update_s / max(rollout_s + update_s, 1e-9),
+            "step_time_s": (rollout_s + update_s) / len(records),
+            "update_time_per_step_s": update_s / len(records),
+            "fraction_backpropagated": updated / max(executed, 1),
+            "chunks_per_trajectory": executed / sum(r["num_traj"] for r in records),
+        }
+    g, p = out["grpo"], out.get("pcm")
+    if p is not None:
+        tg, tp = g["time_to_threshold_s"], p["time_to_threshold_s"]
+        out["speedup_to_threshold"] = None if not tg or not tp else tg / tp
+        out["step_speedup"] = g["step_time_s"] / p["step_time_s"]
+        out["update_speedup"] = g["update_time_per_step_s"] / p["update_time_per_step_s"]
+        out["final_success_gap_pp"] = 100 * (p["final_success"] - g["final_success"])
+    return out
+
+
+def format_table(summary: dict[str, Any], names: list[str]) -> str:
+    """The summary as a Markdown table."""
+
+    def fmt(v: Any, pct: bool = False, unit: str = "") -> str:
+        if v is None:
+            return "not reached"
+        return f"{100 * v:.1f}%" if pct else f"{v:.1f}{unit}"
+
+    lines = [
+        "| run | start success | final success | time to threshold | steps to threshold "
+        "| step time | update share | chunks back-propagated |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        s = summary[name]
+        lines.append(
+            f"| {name} | {fmt(s['initial_success'], True)} | {fmt(s['final_success'], True)} "
+            f"| {fmt(s['time_to_threshold_s'], unit=' s')} | {s['steps_to_threshold'] or '-'} "
+            f"| {s['step_time_s']:.2f} s | {fmt(s['update_share'], True)} "
+            f"| {fmt(s['fraction_backpropagated'], True)} |"
+        )
+    speed = summary.get("speedup_to_threshold")
+    lines.append("")
+    lines.append(
+        f"threshold = {100 * summary['threshold']:.1f}% "
+        f"({100 * summary['threshold_frac']:.0f}% of GRPO's final success); "
+        f"speedup to threshold = {'n/a' if speed is None else f'{speed:.2f}x'}; "
+        f"step speedup = {summary.get('step_speedup', float('nan')):.2f}x; "
+        f"update speedup = {summary.get('update_speedup', float('nan')):.2f}x; "
+        f"final-success gap (PCM - GRPO) = {summary.get('final_success_gap_pp', float('nan')):+.1f} pp"
+    )
+    return "\n".join(lines)
+
+
+def run_demo(
+    out: str | Path, cfg: DemoConfig | None = None, *, progress: bool = True
+) -> dict[str, Any]:
+    """Run the main job into `out`; returns (and writes) `out/summary.json`.
+
+    Writes `sft.pt`, `grpo.jsonl`, `pcm.jsonl`, `summary.json`, `summary.md` and the PNG plots
+    `testbed_success_vs_step.png`, `testbed_success_vs_wallclock.png`,
+    `testbed_phase_allocation.png` and `testbed_captured_v.png`.
+    """
+    cfg = cfg or DemoConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    env_cfg = PickPlaceConfig(max_steps=cfg.max_steps)
+    t0 = time.perf_counter()
+    sft_state = sft_checkpoint(cfg, env_cfg, out / "sft.pt", progress=progress)
+    sft_s = time.perf_counter() - t0
+    eval_states = held_out_states(cfg.train.eval_episodes, env_cfg)
+
+    probe_policy = make_policy(cfg, env_cfg)
+    probe_policy.load_state_dict(sft_state)
+    probe = captured_v_curve(probe_policy, cfg, env_cfg)
+
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for name, selector in (("grpo", "full"), ("pcm", "pcm")):
+        log_path = out / f"{name}.jsonl"
+        log_path.unlink(missing_ok=True)
+        policy = make_policy(cfg, env_cfg)
+        policy.load_state_dict(sft_state)
+        train_cfg = replace(cfg.train, selector=selector, seed=cfg.seed)
+        result = train(
+            policy,
+            train_cfg,
+            env_config=env_cfg,
+            log_path=log_path,
+            progress=progress,
+            desc=name.upper(),
+            eval_states=eval_states,
+        )
+        runs[name] = result.records
+
+    summary = summarize(runs, threshold_frac=cfg.threshold_frac, window=cfg.final_window)
+    summary["sft_s"] = sft_s
+    summary["total_s"] = time.perf_counter() - t0
+    summary["budget"] = cfg.train.budget
+    summary["chunks_total"] = -(-cfg.max_steps // 8)
+    summary["captured_v"] = probe
+    summary["config"] = asdict(cfg)
+    summary["threads"] = torch.get_num_threads()
+
+    plot_success(
+        runs, out / "testbed_success_vs_step.png", x="step", threshold=summary["threshold"]
+    )
+    plot_success(
+        runs, out / "testbed_success_vs_wallclock.png", x="wall", threshold=summary["threshold"]
+    )
+    plot_phase_allocation(runs["pcm"], out / "testbed_phase_allocation.png", title="PCM")
+    plot_captured_v(
+        probe["curve_x"],
+        probe["curve_y"],
+        out / "testbed_captured_v.png",
+        suggested=probe["fraction"],
+        budget_fraction=cfg.train.budget / summary["chunks_total"],
+    )
+    table = format_table(summary, ["grpo", "pcm"])
+    (out / "summary.md").write_text(table + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,422 @@
+"""GRPO on the pick-and-place testbed, with a switch for how chunks are selected for the update.
+
+The loop is the ordinary chunk-level GRPO loop of SimpleVLA-RL: sample `G` rollouts from each of a
+few initial states, score each rollout 1/0, turn the scores into group-relative advantages, and
+take one clipped-surrogate AdamW step on the rollouts' action tokens. The only thing the
+`selector` changes is which chunks enter the actor's forward and backward pass:
+
+- `"full"`: every executed chunk (vanilla GRPO);
+- `"pcm"`: `ProbabilisticChunkMasker`, `B` chunks per trajectory drawn by phase score (PCM);
+- `"random"`: `B` chunks uniformly at random;
+- `"top_phase"`: `B` chunks from the single highest-`V_c` phase ("full masking");
+- `"entropy_topk"`: the `B` chunks of highest policy entropy.
+
+With PCM the whole change to the loop is the `masker.select` call and the `shrink` of the batch
+to the selected chunks (`update` below).
+"""
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from jaxtyping import Bool, Float, Int64
+from torch import Tensor
+
+from chunkmask.advantages import group_relative_advantages
+from chunkmask.losses import masked_grpo_loss
+from chunkmask.masker import ProbabilisticChunkMasker
+from chunkmask.phases import NUM_PHASES, gripper_close_fraction, label_gripper_phases
+from chunkmask.sampling import top_phase_sample, topk_sample, uniform_sample
+from chunkmask.scores import success_failure_variance
+from chunkmask.selection import Selection
+from chunkmask.shrinking import shrink
+from chunkmask.testbed.env import InitialState, PickPlaceConfig, PickPlaceVectorEnv
+from chunkmask.testbed.env import sample_initial_states as _sample_states
+from chunkmask.testbed.policy import ChunkPolicy
+from chunkmask.testbed.rollout import RolloutBatch, rollout
+
+Selector = Literal["full", "pcm", "random", "top_phase", "entropy_topk"]
+SELECTORS: tuple[str, ...] = ("full", "pcm", "random", "top_phase", "entropy_topk")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a GRPO run on the testbed (defaults follow App. E where they apply).
+
+    Attributes:
+        selector: which chunks enter the update (see the module docstring).
+        budget: chunks per trajectory `B` for every selector but `"full"`.
+        steps: training steps.
+        prompts_per_step: initial states per step.
+        group_size: rollouts per initial state, `G`.
+        temperature: sampling temperature of rollouts (and of the log-probabilities).
+        lr: AdamW learning rate (constant).
+        weight_decay: AdamW weight decay.
+        grad_clip: gradient-norm clip.
+        clip_low: surrogate clip `eps_low`.
+        clip_high: surrogate clip `eps_high`.
+        entropy_coef: entropy bonus coefficient.
+        mini_batch: trajectories per PPO mini-batch (one AdamW step each; App. E uses several
+            mini-batches per step).
+        refresh_every: PCM keep-probability refresh period `K`.
+        p_min: PCM keep-probability floor.
+        estimator: `"masked"` (Eq. 11) or `"horvitz_thompson"` (each selected chunk weighted by
+            its exact inclusion probability; `"pcm"` and `"full"` only).
+        eval_episodes: held-out initial states evaluated after every `eval_every` steps.
+        eval_every: evaluation period in steps.
+        eval_greedy: evaluate with the most likely action tokens instead of sampling.
+        seed: seeds the prompts, the rollout sampling and the selectors.
+    """
+
+    selector: Selector = "full"
+    budget: int = 12
+    steps: int = 20
+    prompts_per_step: int = 4
+    group_size: int = 8
+    temperature: float = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0
+    clip_low: float = 0.2
+    clip_high: float = 0.4
+    entropy_coef: float = 1e-3
+    mini_batch: int = 8
+    refresh_every: int = 5
+    p_min: float = 0.1
+    estimator: Literal["masked", "horvitz_thompson"] = "masked"
+    eval_episodes: int = 64
+    eval_every: int = 2
+    eval_greedy: bool = False
+    seed: int = 0
+
+
+class TrainResult(NamedTuple):
+    """What `train` returns.
+
+    Attributes:
+        records: one dict per step (the JSON-lines records).
+        optimizer_state: the AdamW state after the last step.
+        masker_state: the `ProbabilisticChunkMasker` state (None unless `selector="pcm"`).
+    """
+
+    records: list[dict[str, Any]]
+    optimizer_state: dict[str, Any]
+    masker_state: dict[str, Any] | None
+
+
+def held_out_states(num: int, config: PickPlaceConfig | None = None) -> InitialState:
+    """The fixed held-out initial states used for evaluation (a seed no training step uses)."""
+    return _sample_states(num, config=config, generator=torch.Generator().manual_seed(10_000_019))
+
+
+def evaluate(
+    policy: ChunkPolicy,
+    states: InitialState,
+    *,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    seed: int = 0,
+    config: PickPlaceConfig | None = None,
+) -> float:
+    """Success rate of `policy` from `states` (one episode each, common random numbers)."""
+    env = PickPlaceVectorEnv(states.num, config)
+    batch = rollout(
+        policy,
+        env,
+        states,
+        temperature=temperature,
+        greedy=greedy,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return float(batch.success.float().mean())
+
+
+def label_phases(
+    actions: Float[Tensor, "traj chunk step dim"], valid: Bool[Tensor, "traj chunk"]
+) -> Int64[Tensor, "traj chunk"]:
+    """App. E.2 gripper phases of every chunk (+1 closes; the gripper is the last dim)."""
+    return label_gripper_phases(gripper_close_fraction(actions[..., -1], valid), valid)
+
+
+def baseline_selection(
+    selector: str,
+    batch: RolloutBatch,
+    group: Int64[Tensor, " traj"],
+    *,
+    budget: int,
+    generator: torch.Generator,
+) -> Selection:
+    """The chunks a non-PCM selector sends into the update (`"full"` keeps every chunk)."""
+    if selector == "full":
+        return Selection.from_mask(batch.valid)
+    if selector == "random":
+        return uniform_sample(batch.valid, budget, generator=generator)
+    if selector == "top_phase":
+        phases = label_phases(batch.actions, batch.valid)
+        v = success_failure_variance(
+            batch.actions, phases, batch.success, group, num_phases=NUM_PHASES, valid=batch.valid
+        )
+        return top_phase_sample(phases, v.scores, budget, valid=batch.valid, generator=generator)
+    if selector == "entropy_topk":
+        return topk_sample(batch.entropy, budget, valid=batch.valid)
+    raise ValueError(f"`selector` must be one of {SELECTORS}, got {selector!r}.")
+
+
+def update(
+    policy: ChunkPolicy,
+    optimizer: torch.optim.Optimizer,
+    batch: RolloutBatch,
+    group: Int64[Tensor, " traj"],
+    cfg: TrainConfig,
+    *,
+    masker: ProbabilisticChunkMasker | None = None,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    """One GRPO actor update on a batch of rollouts; returns the step's diagnostics."""
+    rewards = batch.success.float()
+    advantages = group_relative_advantages(rewards, group)  # Eq. 1, on the full batch
+
+    if masker is not None:  # PCM: score the phases, draw B chunks per trajectory (Eq. 5-10)
+        selection, info = masker.select(
+            actions=batch.actions, success=batch.success, group=group, valid=batch.valid
+        )
+    else:
+        selection = baseline_selection(
+            cfg.selector, batch, group, budget=cfg.budget, generator=generator
+        )
+        info = None
+
+    # PPO mini-batches of whole trajectories (one AdamW step each), in a shuffled order.
+    num_traj = batch.success.shape[0]
+    order = torch.randperm(num_traj, generator=generator)
+    totals = {"loss": 0.0, "clip_frac": 0.0, "chunks": 0, "grad_norm": 0.0, "entropy": 0.0}
+    num_minibatches = -(-num_traj // cfg.mini_batch)
+    for start in range(0, num_traj, cfg.mini_batch):
+        rows = order[start : start + cfg.mini_batch].sort().values
+        part = Selection(
+            selection.indices[rows],
+            selection.mask[rows],
+            selection.num_chunks[rows],
+            selection.chunks_total,
+        )
+        # Only the selected chunks are gathered: the forward below sees M = sum_i |S_i| chunks.
+        tree = {
+            "obs": batch.obs[rows],
+            "tokens": batch.tokens[rows],
+            "old_logp": batch.logp[rows],
+            "adv": advantages[rows],
+        }
+        if cfg.estimator == "horvitz_thompson":
+            pi = info.inclusion if info is not None else torch.ones_like(batch.valid, dtype=float)
+            tree["inclusion"] = pi[rows].float()
+        packed = shrink(tree, part)
+        logp, entropy = policy.log_prob(
+            packed["obs"], packed["tokens"], temperature=cfg.temperature
+        )
+        out = masked_grpo_loss(
+            logp,
+            packed["old_logp"],
+            packed["adv"],
+            part,
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            entropy=entropy,
+            entropy_coef=cfg.entropy_coef,
+            estimator=cfg.estimator,
+            inclusion=packed.get("inclusion"),
+        )
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        optimizer.step()
+        totals["loss"] += float(out.loss.detach()) / num_minibatches
+        totals["clip_frac"] += float(out.clip_frac_high + out.clip_frac_low) / num_minibatches
+        totals["grad_norm"] += float(grad_norm) / num_minibatches
+        totals["entropy"] += float(out.entropy_loss.detach()) / num_minibatches
+        totals["chunks"] += int(packed["tokens"].shape[0])
+    totals["info"] = info
+    totals["selection"] = selection
+    return totals
+
+
+def _phase_stats(
+    batch: RolloutBatch, group: Int64[Tensor, " traj"], selection: Selection, info: Any
+) -> dict[str, Any]:
+    """Per-phase realised allocation, `V_c` and keep probabilities for logging."""
+    if info is not None:
+        phases, scores, defined = info.phases, info.scores, info.defined
+        keep = info.keep_probabilities.tolist()
+    else:
+        phases = label_phases(batch.actions, batch.valid)
+        v = success_failure_variance(
+            batch.actions, phases, batch.success, group, num_phases=NUM_PHASES, valid=batch.valid
+        )
+        scores, defined, keep = v.scores, v.defined, None
+    chosen = selection.chunk_mask() & batch.valid
+    num_traj = batch.valid.shape[0]
+    selected, available = [], []
+    for c in range(NUM_PHASES):
+        in_phase = phases == c
+        selected.append(float((chosen & in_phase).sum()) / num_traj)
+        available.append(float((batch.valid & in_phase).sum()) / num_traj)
+    return {
+        "selected_per_phase": selected,
+        "available_per_phase": available,
+        "V_c": [float(s) for s in scores],
+        "V_defined": [bool(d) for d in defined],
+        "keep_probabilities": keep,
+        "phases": phases,
+        "scores": scores,
+    }
+
+
+def train(
+    policy: ChunkPolicy,
+    cfg: TrainConfig,
+    *,
+    env_config: PickPlaceConfig | None = None,
+    log_path: str | Path | None = None,
+    progress: bool = False,
+    desc: str | None = None,
+    eval_states: InitialState | None = None,
+    start_step: int = 0,
+    optimizer_state: dict | None = None,
+    masker_state: dict | None = None,
+) -> "TrainResult":
+    """Train `policy` in place with GRPO and the configured selector; log one JSON line per step.
+
+    Each record holds the step, the held-out success rate (`eval_success`, measured after the
+    step's update; step 0 also records the starting policy as `eval_success_init`), the training
+    batch's success rate, `rollout_s` and `update_s` (the timed training work; `wall_s`
+    accumulates them, evaluation excluded), the number of chunks executed and back-propagated,
+    the per-phase realised allocation (mean chunks per trajectory), `V_c` and keep probabilities.
+
+    Args:
+        policy: the policy (an SFT checkpoint), trained in place.
+        cfg: the run's `TrainConfig`.
+        env_config: environment configuration.
+        log_path: JSON-lines file to append records to.
+        progress: show a tqdm bar.
+        desc: the bar's label.
+        eval_states: held-out initial states (default `held_out_states(cfg.eval_episodes)`).
+        start_step: first step index (to resume).
+        optimizer_state: AdamW state to resume from.
+        masker_state: `ProbabilisticChunkMasker.state_dict()` to resume from.
+
+    Returns:
+        A `TrainResult`: the per-step records and the optimiser and masker states (to resume).
+    """
+    env_cfg = env_config or PickPlaceConfig()
+    if cfg.selector not in SELECTORS:
+        raise ValueError(f"`selector` must be one of {SELECTORS}, got {cfg.selector!r}.")
+    if cfg.estimator == "horvitz_thompson" and cfg.selector not in ("full", "pcm"):
+        raise ValueError(
+            "`estimator='horvitz_thompson'` needs inclusion probabilities: selector must be "
+            f"'full' or 'pcm', got {cfg.selector!r}."
+        )
+    eval_states = eval_states if eval_states is not None else held_out_states(cfg.eval_episodes)
+    n_traj = cfg.prompts_per_step * cfg.group_size
+    env = PickPlaceVectorEnv(n_traj, env_cfg)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    masker = None
+    if cfg.selector == "pcm":
+        masker = ProbabilisticChunkMasker(
+            budget=cfg.budget,
+            num_phases=NUM_PHASES,
+            refresh_every=cfg.refresh_every,
+            p_min=cfg.p_min,
+            inclusion=cfg.estimator == "horvitz_thompson",
+            seed=cfg.seed,
+        )
+        if masker_state is not None:
+            masker.load_state_dict(masker_state)
+    group = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.group_size)
+    log = None if log_path is None else open(log_path, "a")  # noqa: SIM115
+    records: list[dict[str, Any]] = []
+    steps = range(start_step, cfg.steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=desc or cfg.selector, initial=start_step, total=cfg.steps)
+
+    def _eval() -> float:
+        return evaluate(
+            policy,
+            eval_states,
+            temperature=cfg.temperature,
+            greedy=cfg.eval_greedy,
+            seed=cfg.seed + 1,
+            config=env_cfg,
+        )
+
+    init_success = _eval() if start_step == 0 else None
+    try:
+        for step in steps:
+            prompt_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            prompts = _sample_states(cfg.prompts_per_step, config=env_cfg, generator=prompt_gen)
+            t0 = time.perf_counter()
+            batch = rollout(
+                policy,
+                env,
+                prompts.repeat_interleave(cfg.group_size),
+                temperature=cfg.temperature,
+                generator=torch.Generator().manual_seed(cfg.seed * 7_919 + step),
+                with_entropy=cfg.selector == "entropy_topk",
+            )
+            t1 = time.perf_counter()
+            policy.train()
+            out = update(
+                policy,
+                optimizer,
+                batch,
+                group,
+                cfg,
+                masker=masker,
+                generator=torch.Generator().manual_seed(cfg.seed * 104_729 + step),
+            )
+            t2 = time.perf_counter()
+            record: dict[str, Any] = {
+                "step": step,
+                "selector": cfg.selector,
+                "budget": cfg.budget,
+                "seed": cfg.seed,
+                "num_traj": n_traj,
+                "train_success": float(batch.success.float().mean()),
+                "rollout_s": t1 - t0,
+                "update_s": t2 - t1,
+                "chunks_executed": int(batch.valid.sum()),
+                "chunks_updated": out["chunks"],
+                "loss": out["loss"],
+                "clip_frac": out["clip_frac"],
+                "grad_norm": out["grad_norm"],
+                "entropy": out["entropy"],
+            }
+            stats = _phase_stats(batch, group, out["selection"], out["info"])
+            for key in ("selected_per_phase", "available_per_phase", "V_c", "V_defined"):
+                record[key] = stats[key]
+            record["keep_probabilities"] = stats["keep_probabilities"]
+            if init_success is not None and step == start_step:
+                record["eval_success_init"] = init_success
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                t3 = time.perf_counter()
+                record["eval_success"] = _eval()
+                record["eval_s"] = time.perf_counter() - t3
+            records.append(record)
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if progress and "eval_success" in record:
+                steps.set_postfix(success=record["eval_success"], chunks=record["chunks_updated"])
+    finally:
+        if log is not None:
+            log.close()
+    return TrainResult(
+        records=records,
+        optimizer_state=optimizer.state_dict(),
+        masker_state=None if masker is None else masker.state_dict(),
+    )

@@ -1,0 +1,149 @@
+import json
+import math
+
+import pytest
+import torch
+
+from chunkmask.testbed.__main__ import main
+from chunkmask.testbed.env import PickPlaceConfig, PickPlaceVectorEnv, sample_initial_states
+from chunkmask.testbed.expert import collect_demonstrations
+from chunkmask.testbed.policy import ChunkPolicy, actions_to_tokens, tokens_to_actions
+from chunkmask.testbed.rollout import rollout
+from chunkmask.testbed.sft import behaviour_cloning
+from chunkmask.testbed.trainer import TrainConfig, train
+
+ENV = PickPlaceConfig(max_steps=32)  # 4 chunks of 8 steps
+
+
+def _policy(seed=0):
+    torch.manual_seed(seed)
+    env = PickPlaceVectorEnv(1, ENV)
+    return ChunkPolicy(env.layout, num_tasks=1, d_model=16, depth=1, heads=2)
+
+
+def _cfg(selector, **kw):
+    base = dict(
+        selector=selector,
+        steps=2,
+        prompts_per_step=2,
+        group_size=3,
+        budget=2,
+        eval_episodes=2,
+        mini_batch=3,
+        lr=1e-3,
+        eval_every=1,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_tokens_round_trip():
+    a = torch.linspace(-1, 1, 256)
+    assert torch.equal(actions_to_tokens(tokens_to_actions(torch.arange(256))), torch.arange(256))
+    assert (tokens_to_actions(actions_to_tokens(a)) - a).abs().max() < 1e-5
+
+
+def test_rollout_records_valid_chunks_and_logp():
+    policy = _policy()
+    env = PickPlaceVectorEnv(4, ENV)
+    states = sample_initial_states(2, config=ENV, generator=torch.Generator().manual_seed(0))
+    batch = rollout(policy, env, states.repeat_interleave(2), generator=torch.Generator())
+    assert batch.tokens.shape == (4, 4, 40) and batch.actions.shape == (4, 4, 8, 5)
+    assert bool(batch.valid[:, 0].all())
+    # Recorded behaviour log-probs match the policy's log-probs of the tokens.
+    logp, _ = policy.log_prob(batch.obs[batch.valid], batch.tokens[batch.valid])
+    torch.testing.assert_close(logp, batch.logp[batch.valid], atol=1e-4, rtol=1e-4)
+    again = rollout(
+        policy, env, states.repeat_interleave(2), generator=torch.Generator().manual_seed(3)
+    )
+    assert not torch.equal(again.tokens, batch.tokens)
+
+
+def test_sft_reduces_loss():
+    demos = collect_demonstrations(4, seed=0, config=ENV, successful_only=False)
+    policy = _policy()
+    losses = behaviour_cloning(policy, demos, steps=15, batch_size=32, lr=3e-3)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    ("selector", "steps"),
+    [("full", 2), ("pcm", 2), ("random", 1), ("top_phase", 1), ("entropy_topk", 1)],
+)
+def test_rl_steps_run_with_finite_losses(selector, steps, tmp_path):
+    policy = _policy()
+    log = tmp_path / "log.jsonl"
+    result = train(policy, _cfg(selector, steps=steps), env_config=ENV, log_path=log)
+    assert len(result.records) == steps
+    for r in result.records:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
+        assert 0.0 <= r["eval_success"] <= 1.0
+        assert len(r["selected_per_phase"]) == 5 and len(r["V_c"]) == 5
+        if selector == "full":
+            assert r["chunks_updated"] == r["chunks_executed"]
+        else:
+            assert r["chunks_updated"] <= 2 * 6
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(steps))
+    if selector == "pcm":
+        assert len(lines[0]["keep_probabilities"]) == 5
+        assert result.masker_state is not None
+
+
+def test_pcm_sends_fewer_chunks_into_the_forward_pass():
+    def counted(selector):
+        policy = _policy()
+        seen = []
+
+        def hook(module, args, output):
+            if torch.is_grad_enabled():  # the actor update, not the no-grad rollouts
+                seen.append(args[0].shape[0])
+
+        policy.register_forward_hook(hook)
+        records = train(policy, _cfg(selector, steps=1), env_config=ENV).records
+        return sum(seen), records[0]
+
+    full, full_rec = counted("full")
+    pcm, pcm_rec = counted("pcm")
+    assert full == full_rec["chunks_executed"] == full_rec["chunks_updated"]
+    assert pcm == pcm_rec["chunks_updated"] <= 2 * 6 < full
+
+
+def test_resume_continues_steps(tmp_path):
+    policy = _policy()
+    first = train(policy, _cfg("pcm", steps=1), env_config=ENV)
+    second = train(
+        policy,
+        _cfg("pcm", steps=2),
+        env_config=ENV,
+        start_step=1,
+        optimizer_state=first.optimizer_state,
+        masker_state=first.masker_state,
+    )
+    assert [r["step"] for r in second.records] == [1]
+
+
+def test_horvitz_thompson_estimator_runs():
+    for selector in ("pcm", "full"):
+        records = train(
+            _policy(), _cfg(selector, steps=1, estimator="horvitz_thompson"), env_config=ENV
+        ).records
+        assert math.isfinite(records[0]["loss"])
+    with pytest.raises(ValueError, match="horvitz_thompson"):
+        train(_policy(), _cfg("random", estimator="horvitz_thompson"), env_config=ENV)
+
+
+def test_bad_selector_raises():
+    with pytest.raises(ValueError, match="`selector` must be one of"):
+        train(_policy(), _cfg("nope"), env_config=ENV)
+
+
+def test_main_job_quick_writes_summary(tmp_path):
+    assert main(["--out", str(tmp_path), "--quick", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("speedup_to_threshold", "threshold"):
+        assert key in summary
+    for key in ("final_success", "time_to_threshold_s", "update_share"):
+        assert key in summary["grpo"] and key in summary["pcm"]
+    for name in ("success_vs_step", "success_vs_wallclock", "phase_allocation", "captured_v"):
+        assert (tmp_path / f"testbed_{name}.png").stat().st_size > 0
