@@ -32,6 +32,14 @@ from chunkmask.sampling import (
     topk_sample,
     uniform_sample,
 )
+from chunkmask.profiling import (
+    CudaPeakMemory,
+    FlopCount,
+    SavedTensorCounter,
+    Timing,
+    count_flops,
+    time_function,
+)
 from chunkmask.scores import PhaseScoreBuffer, PhaseVariance, success_failure_variance
 from chunkmask.selection import Selection
 from chunkmask.shrinking import shrink, unshrink
@@ -41,6 +49,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AGGREGATION_MODES",
     "BudgetSuggestion",
+    "CudaPeakMemory",
+    "FlopCount",
     "GRPOLossOutput",
     "MaskerInfo",
     "NUM_PHASES",
@@ -48,11 +58,14 @@ __all__ = [
     "PhaseScoreBuffer",
     "PhaseVariance",
     "ProbabilisticChunkMasker",
+    "SavedTensorCounter",
     "Selection",
     "SurrogateOutput",
+    "Timing",
     "__version__",
     "aggregate_loss",
     "clipped_surrogate",
+    "count_flops",
     "gripper_close_fraction",
     "group_relative_advantages",
     "inclusion_probabilities",
@@ -67,6 +80,7 @@ __all__ = [
     "stratified_sample",
     "success_failure_variance",
     "suggest_budget",
+    "time_function",
     "top_phase_sample",
     "topk_sample",
     "uniform_sample",

@@ -156,7 +156,8 @@ def plackett_luce_sample(
     u = u.clamp_min(torch.finfo(dtype).tiny)
     keys = log_w - torch.log(-torch.log(u))
     n = weights.shape[1]
-    top = torch.topk(keys, min(k, n), dim=1)
+    # Unsorted: the picks are re-sorted into ascending chunk order below.
+    top = torch.topk(keys, min(k, n), dim=1, sorted=False)
     ok = torch.isfinite(top.values)
     return _selection_from_picks(top.indices, ok, k, valid.sum(1), n)
 

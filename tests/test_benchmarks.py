@@ -1,0 +1,251 @@
+"""Smoke tests: each benchmark runs at a tiny size and writes the documented JSON schema.
+
+No timing is asserted; the FLOP and saved-byte ratios are checked because they are exact
+properties of the per-chunk policy stand-in, not measurements of the machine.
+"""
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture()
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def load(name):
+        return importlib.import_module(name)
+
+    return load
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+RECORD_FIELDS = {
+    "selector": str,
+    "budget": int,
+    "chunks_total": int,
+    "chunks_selected": int,
+    "micro_batches": int,
+    "update_time_s": float,
+    "update_time_iqr_s": float,
+    "update_time_min_s": float,
+    "speedup_best": float,
+    "selection_time_s": float,
+    "speedup": float,
+    "limit": float,
+    "fraction_of_limit": float,
+    "update_cpu_time_s": float,
+    "speedup_cpu": float,
+    "fraction_of_limit_cpu": float,
+    "saved_bytes": int,
+    "saved_ratio": float,
+    "peak_saved_bytes": int,
+    "peak_saved_ratio": float,
+    "flops": int,
+    "flops_ratio": float,
+    "flops_limit": float,
+}
+
+
+def test_backward_savings_tiny(bench, tmp_path, capsys):
+    backward_savings = bench("backward_savings")
+    out = tmp_path / "bs.json"
+    result = backward_savings.main(["--preset", "tiny", "--repeats", "1", "--out", str(out)])
+    assert "speedup" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["meta"]["torch_version"] == torch.__version__
+    for key in ("device", "threads", "preset", "config", "date"):
+        assert key in data["meta"]
+    records = data["records"]
+    assert [(r["selector"], r["budget"]) for r in records] == [
+        ("full", 8),
+        ("pcm", 2),
+        ("pcm", 4),
+        ("mask-only", 4),
+    ]
+    for r in records:
+        for field, kind in RECORD_FIELDS.items():
+            assert isinstance(r[field], kind), (field, r[field])
+        assert r["chunks_total"] == 8
+        assert r["update_time_s"] > 0
+        assert r["cuda_peak_bytes"] is None  # CPU run
+    full = records[0]
+    assert full["speedup"] == 1.0 and full["saved_ratio"] == 1.0 and full["flops_ratio"] == 1.0
+    assert full["chunks_selected"] == 20 * 8
+    for r in records[1:3]:  # PCM: compute and activations shrink to B / N exactly
+        assert r["chunks_selected"] == 20 * r["budget"]
+        assert r["limit"] == 8 / r["budget"]
+        assert r["flops_ratio"] == pytest.approx(r["budget"] / 8, rel=1e-6)
+        assert r["saved_ratio"] == pytest.approx(r["budget"] / 8, rel=0.02)
+        assert r["micro_batches"] < full["micro_batches"]
+    mask_only = records[3]  # nothing shrinks
+    assert mask_only["chunks_selected"] == full["chunks_selected"]
+    assert mask_only["flops_ratio"] == pytest.approx(1.0)
+    assert mask_only["saved_ratio"] == pytest.approx(1.0, rel=0.02)
+    assert result["records"] == records
+
+
+def test_backward_savings_lora_tiny(bench, capsys):
+    backward_savings = bench("backward_savings")
+    result = backward_savings.main(
+        [
+            "--preset",
+            "tiny",
+            "--repeats",
+            "1",
+            "--lora",
+            "--lora-rank",
+            "2",
+            "--budgets",
+            "4",
+            "--no-mask-only",
+        ]
+    )
+    meta = result["meta"]
+    assert meta["lora"] and meta["trainable_parameters"] < meta["parameters"]
+    assert [r["selector"] for r in result["records"]] == ["full", "pcm"]
+    assert result["records"][1]["flops_ratio"] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_plan_micro_batches(bench):
+    plan = bench("backward_savings").plan_micro_batches
+    assert plan([4, 4, 4], 8) == [(0, 2, 0, 8), (2, 3, 8, 12)]
+    assert plan([3, 3, 3], 8) == [(0, 2, 0, 6), (2, 3, 6, 9)]
+    assert plan([10, 2], 8) == [(0, 1, 0, 10), (1, 2, 10, 12)]  # an oversized trajectory alone
+    assert plan([2, 2], 100) == [(0, 2, 0, 4)]
+
+
+def test_micro_batched_gradient_equals_one_batch(bench):
+    backward_savings = bench("backward_savings")
+    policy_mod = bench("_policy")
+    cfg = policy_mod.get_config("tiny")
+    setup = backward_savings.Setup(cfg, device=torch.device("cpu"), dtype="float32", seed=0)
+    _, select_and_shrink = setup.pcm_update_fn(3)
+    batch, selection, counts = select_and_shrink()
+    grads = []
+    for micro in (6, 10_000):
+        setup.policy.zero_grad(set_to_none=True)
+        trainer = backward_savings.ActorTrainer(setup.policy, micro_batch_chunks=micro)
+        assert trainer.accumulate(batch, selection, counts) == (10 if micro == 6 else 1)
+        grads.append([p.grad.clone() for p in setup.policy.parameters() if p.grad is not None])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mask_only_baseline_has_the_same_gradient_as_shrinking(bench):
+    # The mask-only baseline optimises the same objective as PCM; only its cost differs.
+    backward_savings = bench("backward_savings")
+    cfg = bench("_policy").get_config("tiny")
+    setup = backward_savings.Setup(cfg, device=torch.device("cpu"), dtype="float32", seed=1)
+    _, select_and_shrink = setup.pcm_update_fn(3)
+    batch, selection, counts = select_and_shrink()
+    token_mask = selection.chunk_mask().reshape(-1, 1).expand(-1, cfg.tokens_per_chunk)
+    full = backward_savings.Selection.from_mask(setup.data["valid"])
+    trainer = backward_savings.ActorTrainer(setup.policy, micro_batch_chunks=16)
+    grads = []
+    for args in ((batch, selection, counts), (setup.full_batch, full, full.counts.tolist())):
+        setup.policy.zero_grad(set_to_none=True)
+        mask = token_mask if args[0] is setup.full_batch else None
+        trainer.accumulate(*args, mask=mask)
+        grads.append([p.grad.clone() for p in setup.policy.parameters() if p.grad is not None])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_selection_overhead_tiny(bench, tmp_path, capsys):
+    selection_overhead = bench("selection_overhead")
+    out = tmp_path / "so.json"
+    selection_overhead.main(
+        [
+            "--preset",
+            "tiny",
+            "--no-compile",
+            "--repeats",
+            "1",
+            "--min-run-time",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
+    assert "sampler" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["full_update_time_s"] > 0
+    stages = [r["stage"] for r in data["stages"]]
+    assert stages == [
+        "phase_labelling",
+        "variance",
+        "buffer_update",
+        "keep_probabilities",
+        "chunk_weights",
+        "sampling",
+        "shrink",
+        "sum_of_stages",
+        "total_select_and_shrink",
+    ]
+    for r in data["stages"]:
+        assert r["time_s"] > 0
+        assert r["fraction_of_update"] == pytest.approx(r["time_s"] / data["full_update_time_s"])
+        assert r["budget"] == 4 and r["chunks_total"] == 8
+    methods = [r["method"] for r in data["samplers"]]
+    assert methods[:5] == [
+        "plackett_luce_sample",
+        "plackett_luce_sample(validate_args=False)",
+        "torch.multinomial",
+        "torch.multinomial + sort",
+        "numpy Generator.choice loop",
+    ]
+    for r in data["samplers"]:
+        assert r["time_s"] > 0 and r["relative_to_multinomial"] > 0
+
+
+def test_plot(bench, tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = bench("plot_benchmarks")
+    backward_savings = bench("backward_savings")
+    src = tmp_path / "bs.json"
+    backward_savings.main(
+        [
+            "--preset",
+            "tiny",
+            "--repeats",
+            "1",
+            "--out",
+            str(src),
+            "--no-mask-only",
+            "--budgets",
+            "4",
+        ]
+    )
+    overhead = tmp_path / "so.json"
+    bench("selection_overhead").main(
+        [
+            "--preset",
+            "tiny",
+            "--no-compile",
+            "--min-run-time",
+            "0",
+            "--update-json",
+            str(src),
+            "--out",
+            str(overhead),
+        ]
+    )
+    data = json.loads(overhead.read_text())
+    assert data["full_update_source"] == "from bs.json"
+    full = json.loads(src.read_text())["records"][0]
+    assert data["full_update_time_s"] == full["update_time_s"]
+    png = tmp_path / "plot.png"
+    plot.main([str(src), str(overhead), "--markdown", "--out", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
