@@ -24,13 +24,15 @@ from chunkmask.phases import (
     label_gripper_phases,
     label_time_segments,
 )
-from chunkmask.sampling import (
-    inclusion_probabilities,
-    plackett_luce_sample,
-    stratified_sample,
-    top_phase_sample,
-    topk_sample,
-    uniform_sample,
+from chunkmask.ppo import (
+    ChunkedPPOLossOutput,
+    ChunkGAEOutput,
+    chunk_gae,
+    chunk_log_prob,
+    chunk_rewards,
+    chunked_ppo_loss,
+    value_loss,
+    whiten_advantages,
 )
 from chunkmask.profiling import (
     CudaPeakMemory,
@@ -40,30 +42,68 @@ from chunkmask.profiling import (
     count_flops,
     time_function,
 )
+from chunkmask.sampling import (
+    inclusion_probabilities,
+    plackett_luce_sample,
+    stratified_sample,
+    top_phase_sample,
+    topk_sample,
+    uniform_sample,
+)
 from chunkmask.scores import PhaseScoreBuffer, PhaseVariance, success_failure_variance
 from chunkmask.selection import Selection
+from chunkmask.self_bc import (
+    AdmitSuccessful,
+    BCWeight,
+    ConstantBCWeight,
+    EntryInfo,
+    EvictOldest,
+    EvictSlowest,
+    LossBalanceBCWeight,
+    ProductBCWeight,
+    SuccessBuffer,
+    SuccessRateBCWeight,
+    bc_loss,
+)
 from chunkmask.shrinking import shrink, unshrink
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AGGREGATION_MODES",
+    "AdmitSuccessful",
+    "BCWeight",
     "BudgetSuggestion",
+    "ChunkGAEOutput",
+    "ChunkedPPOLossOutput",
+    "ConstantBCWeight",
     "CudaPeakMemory",
+    "EntryInfo",
+    "EvictOldest",
+    "EvictSlowest",
     "FlopCount",
     "GRPOLossOutput",
+    "LossBalanceBCWeight",
     "MaskerInfo",
     "NUM_PHASES",
     "Phase",
     "PhaseScoreBuffer",
     "PhaseVariance",
     "ProbabilisticChunkMasker",
+    "ProductBCWeight",
     "SavedTensorCounter",
     "Selection",
+    "SuccessBuffer",
+    "SuccessRateBCWeight",
     "SurrogateOutput",
     "Timing",
     "__version__",
     "aggregate_loss",
+    "bc_loss",
+    "chunk_gae",
+    "chunk_log_prob",
+    "chunk_rewards",
+    "chunked_ppo_loss",
     "clipped_surrogate",
     "count_flops",
     "gripper_close_fraction",
@@ -85,4 +125,6 @@ __all__ = [
     "topk_sample",
     "uniform_sample",
     "unshrink",
+    "value_loss",
+    "whiten_advantages",
 ]
