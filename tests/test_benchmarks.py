@@ -249,3 +249,26 @@ def test_plot(bench, tmp_path):
     png = tmp_path / "plot.png"
     plot.main([str(src), str(overhead), "--markdown", "--out", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reproduce_pcm_quick_writes_report_and_resumes(bench, tmp_path):
+    pytest.importorskip("matplotlib")
+    reproduce = bench("reproduce_pcm")
+    out, docs = tmp_path / "runs", tmp_path / "docs"
+    args = ["--quick", "--seeds", "0", "--out", str(out), "--docs", str(docs)]
+    assert reproduce.main(args) == 0
+    result = json.loads((docs / "reproduction.json").read_text())
+    assert result["seeds_complete"] == [0]
+    names = [r["run"] for r in result["table"]]
+    assert names == [name for name, *_ in reproduce.RUNS]
+    for key in ("speedup_to_threshold", "final_success_gap_pp"):
+        assert set(result[key]) == {"mean", "per_seed"}
+    report = (docs / "reproduction.md").read_text()
+    assert "| grpo |" in report and "| pcm_ht |" in report
+    for name in ("success_vs_step", "success_vs_wallclock", "phase_allocation"):
+        assert (docs / "img" / f"testbed_repro_{name}.png").stat().st_size > 0
+    # Every run finished: a second call resumes, trains nothing and keeps the logs.
+    logs = {p.name: p.read_text() for p in out.glob("*.jsonl")}
+    assert len(logs) == len(reproduce.RUNS)
+    assert reproduce.main(args) == 0
+    assert {p.name: p.read_text() for p in out.glob("*.jsonl")} == logs

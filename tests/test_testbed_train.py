@@ -144,6 +144,17 @@ def test_main_job_quick_writes_summary(tmp_path):
     for key in ("speedup_to_threshold", "threshold"):
         assert key in summary
     for key in ("final_success", "time_to_threshold_s", "update_share"):
-        assert key in summary["grpo"] and key in summary["pcm"]
+        assert key in summary["grpo"] and key in summary["pcm"] and key in summary["pcm_ht"]
+    for key in ("speedup_to_threshold", "step_speedup", "final_success_gap_pp"):
+        assert key in summary["pcm"] and key in summary["pcm_ht"]
+    assert summary["step_speedup"] == summary["pcm"]["step_speedup"]
+    assert (tmp_path / "pcm_ht.jsonl").stat().st_size > 0
+
+
+def test_main_job_quick_without_ht(tmp_path):
+    assert main(["--out", str(tmp_path), "--quick", "--no-progress", "--no-ht"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "pcm" in summary and "pcm_ht" not in summary
+    assert not (tmp_path / "pcm_ht.jsonl").exists()
     for name in ("success_vs_step", "success_vs_wallclock", "phase_allocation", "captured_v"):
         assert (tmp_path / f"testbed_{name}.png").stat().st_size > 0

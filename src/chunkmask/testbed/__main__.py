@@ -1,7 +1,8 @@
 """The main job: `python -m chunkmask.testbed --out DIR [--quick]`.
 
-Runs SFT (behaviour cloning on noisy expert demonstrations), then GRPO and PCM from the same SFT
-checkpoint, prints a summary table and writes `DIR/summary.json`, JSON-lines logs and PNG plots.
+Runs SFT (behaviour cloning on noisy expert demonstrations), then GRPO, PCM (Eq. 11) and PCM with
+the Horvitz-Thompson estimator from the same SFT checkpoint, prints a summary table and writes
+`DIR/summary.json`, JSON-lines logs and PNG plots.
 """
 
 import argparse
@@ -26,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="RL steps per method")
     parser.add_argument("--budget", type=int, default=None, help="PCM chunks per trajectory B")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--no-ht",
+        action="store_true",
+        help="skip the pcm_ht run (PCM with the unbiased Horvitz-Thompson estimator)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -36,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         train = replace(train, steps=args.steps)
     if args.budget is not None:
         train = replace(train, budget=args.budget)
-    cfg = replace(cfg, seed=args.seed, train=train)
+    cfg = replace(cfg, seed=args.seed, train=train, pcm_ht=not args.no_ht)
     summary = run_demo(args.out, cfg, progress=not args.no_progress)
-    print(format_table(summary, ["grpo", "pcm"]))
+    print(format_table(summary, ["grpo", "pcm", "pcm_ht"] if cfg.pcm_ht else ["grpo", "pcm"]))
     print(f"\nwrote {args.out}/summary.json and plots ({summary['total_s']:.0f} s in total)")
     return 0
 

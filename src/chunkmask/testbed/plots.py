@@ -7,9 +7,14 @@ from typing import Any
 from chunkmask.phases import Phase
 
 PHASE_NAMES = [Phase(i).name.lower().replace("_", "-") for i in range(5)]
-COLORS = {
+COLORS = {  # the first key a run's name starts with picks its colour
     "grpo": "#1f77b4",
     "full": "#1f77b4",
+    "pcm_ht": "#ff7f0e",
+    "pcm_b8": "#bcbd22",
+    "pcm_b16": "#17becf",
+    "pcm_floor": "#8c564b",
+    "pcm_refresh": "#e377c2",
     "pcm": "#d62728",
     "random": "#7f7f7f",
     "top_phase": "#9467bd",

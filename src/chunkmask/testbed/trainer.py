@@ -59,8 +59,10 @@ class TrainConfig:
         clip_low: surrogate clip `eps_low`.
         clip_high: surrogate clip `eps_high`.
         entropy_coef: entropy bonus coefficient.
-        mini_batch: trajectories per PPO mini-batch (one AdamW step each; App. E uses several
-            mini-batches per step).
+        mini_batch: trajectories per PPO mini-batch (one AdamW step each). The default takes
+            one step on the whole batch: with 64 trajectories of ~50 chunks x 40 tokens and a
+            binary reward, smaller mini-batches (or learning rates above ~5e-5) let Adam's
+            normalised steps follow noise and the SFT policy degrades within a few steps.
         refresh_every: PCM keep-probability refresh period `K`.
         p_min: PCM keep-probability floor.
         estimator: `"masked"` (Eq. 11) or `"horvitz_thompson"` (each selected chunk weighted by
@@ -73,17 +75,17 @@ class TrainConfig:
 
     selector: Selector = "full"
     budget: int = 12
-    steps: int = 20
-    prompts_per_step: int = 4
+    steps: int = 30
+    prompts_per_step: int = 8
     group_size: int = 8
     temperature: float = 1.0
-    lr: float = 1e-4
+    lr: float = 3e-5
     weight_decay: float = 0.0
     grad_clip: float = 2.0
     clip_low: float = 0.2
     clip_high: float = 0.4
-    entropy_coef: float = 1e-3
-    mini_batch: int = 8
+    entropy_coef: float = 0.0
+    mini_batch: int = 64
     refresh_every: int = 5
     p_min: float = 0.1
     estimator: Literal["masked", "horvitz_thompson"] = "masked"
