@@ -37,6 +37,9 @@ RUNS = [  # (name, selector, budget, other TrainConfig overrides)
     ("pcm_ht", "pcm", 12, {"estimator": "horvitz_thompson"}),
     ("pcm_floor03", "pcm", 12, {"p_min": 0.3}),
     ("pcm_refresh1", "pcm", 12, {"refresh_every": 1}),
+    # RQ2 at matched wall-clock: 2.5x the steps (75 PCM steps cost about what 30 GRPO steps do).
+    ("pcm_long", "pcm", 12, {"step_scale": 2.5}),
+    ("pcm_ht_long", "pcm", 12, {"estimator": "horvitz_thompson", "step_scale": 2.5}),
 ]
 
 
@@ -46,6 +49,11 @@ def load_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def run_steps(cfg: DemoConfig, extra: dict) -> int:
+    """Training steps of a run: the configured steps times the run's `step_scale`."""
+    return round(cfg.train.steps * extra.get("step_scale", 1))
+
+
 def run_one(
     out: Path, cfg: DemoConfig, name: str, selector: str, budget: int, extra: dict, seed: int
 ) -> None:
@@ -53,7 +61,15 @@ def run_one(
     sft = sft_checkpoint(replace(cfg, seed=seed), env_cfg, out / f"sft_seed{seed}.pt")
     log = out / f"{name}_seed{seed}.jsonl"
     state_path = out / f"{name}_seed{seed}.state.pt"
-    train_cfg = replace(cfg.train, selector=selector, budget=budget, seed=seed, **extra)
+    overrides = {k: v for k, v in extra.items() if k != "step_scale"}
+    train_cfg = replace(
+        cfg.train,
+        selector=selector,
+        budget=budget,
+        seed=seed,
+        steps=run_steps(cfg, extra),
+        **overrides,
+    )
     policy = make_policy(cfg, env_cfg)
     records = load_records(log)
     if len(records) >= train_cfg.steps:
@@ -115,10 +131,11 @@ def report(out: Path, cfg: DemoConfig, seeds: list[int], docs: Path, command: st
     status = []
     for seed in seeds:
         runs = {}
-        for name, *_ in RUNS:
+        for name, _, _, extra in RUNS:
             recs = load_records(out / f"{name}_seed{seed}.jsonl")
-            done = len(recs) >= cfg.train.steps
-            status.append(f"{name} seed {seed}: {len(recs)}/{cfg.train.steps} steps")
+            steps = run_steps(cfg, extra)
+            done = len(recs) >= steps
+            status.append(f"{name} seed {seed}: {len(recs)}/{steps} steps")
             if recs and done:
                 runs[name] = recs
         if "grpo" in runs:
@@ -185,6 +202,7 @@ def report(out: Path, cfg: DemoConfig, seeds: list[int], docs: Path, command: st
                 "selector": selector,
                 "budget": None if selector == "full" else budget,
                 "overrides": extra,
+                "steps": run_steps(cfg, extra),
                 "seeds": len(vals),
                 "initial_success": mean([v["initial_success"] for v in vals]),
                 "final_success": mean([v["final_success"] for v in vals]),
@@ -203,15 +221,15 @@ def report(out: Path, cfg: DemoConfig, seeds: list[int], docs: Path, command: st
         lines += [
             "## Summary (means over finished seeds)",
             "",
-            "| run | B | seeds | start | final success (per seed) | time to threshold "
+            "| run | B | steps | seeds | start | final success (per seed) | time to threshold "
             "(reached) | speedup vs GRPO where GRPO improved | step time | step speedup "
             "| update speedup | update share | chunks back-propagated |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             per = ", ".join(f"{100 * v:.0f}" for v in r["final_success_per_seed"])
             lines.append(
-                f"| {r['run']} | {r['budget'] or 'all'} | {r['seeds']} "
+                f"| {r['run']} | {r['budget'] or 'all'} | {r['steps']} | {r['seeds']} "
                 f"| {fmt(r['initial_success'], pct=True)} "
                 f"| {fmt(r['final_success'], pct=True)} ({per}) "
                 f"| {fmt(r['time_to_threshold_s'], unit=' s')} ({r['reached_threshold']}/{r['seeds']}) "
@@ -296,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             ("pcm_b8", "pcm_b16"),
             ("random", "top_phase", "entropy_topk"),
             ("pcm_ht", "pcm_floor03", "pcm_refresh1"),
+            ("pcm_long", "pcm_ht_long"),
         ]
         for names in order:
             for seed in args.seeds:

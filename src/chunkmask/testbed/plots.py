@@ -10,6 +10,8 @@ PHASE_NAMES = [Phase(i).name.lower().replace("_", "-") for i in range(5)]
 COLORS = {  # the first key a run's name starts with picks its colour
     "grpo": "#1f77b4",
     "full": "#1f77b4",
+    "pcm_ht_long": "#8c6d1f",
+    "pcm_long": "#3b0a0a",
     "pcm_ht": "#ff7f0e",
     "pcm_b8": "#bcbd22",
     "pcm_b16": "#17becf",
