@@ -300,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke configuration")
     args = parser.parse_args(argv)
+    names = [name for name, *_ in RUNS]
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        parser.error(f"--only: unknown run names {unknown}; choose from {names}")
     torch.set_num_threads(args.threads)
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     if args.steps is not None:
@@ -308,18 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/reproduce_pcm.py " + " ".join(argv or sys.argv[1:])
     if not args.report_only:
-        # Priority order: RQ1/RQ2 for every seed first, then RQ3, then RQ4.
-        order = [
-            ("grpo", "pcm"),
-            ("pcm_b8", "pcm_b16"),
-            ("random", "top_phase", "entropy_topk"),
-            ("pcm_ht", "pcm_floor03", "pcm_refresh1"),
-            ("pcm_long", "pcm_ht_long"),
-        ]
-        for names in order:
+        # Priority groups in RUNS order: RQ1/RQ2, RQ3, RQ4, then the investigation runs.
+        order = [RUNS[:2], RUNS[2:4], RUNS[4:7], RUNS[7:]]
+        for group in order:
             for seed in args.seeds:
-                for name, selector, budget, extra in RUNS:
-                    if name in names and (args.only is None or name in args.only):
+                for name, selector, budget, extra in group:
+                    if args.only is None or name in args.only:
                         run_one(out, cfg, name, selector, budget, extra, seed)
                 report(out, cfg, args.seeds, Path(args.docs), command.strip())
     result = report(out, cfg, args.seeds, Path(args.docs), command.strip())

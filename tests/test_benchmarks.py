@@ -272,3 +272,63 @@ def test_reproduce_pcm_quick_writes_report_and_resumes(bench, tmp_path):
     assert len(logs) == len(reproduce.RUNS)
     assert reproduce.main(args) == 0
     assert {p.name: p.read_text() for p in out.glob("*.jsonl")} == logs
+
+
+def test_reproduce_pcm_rejects_unknown_run_names(bench, tmp_path, capsys):
+    reproduce = bench("reproduce_pcm")
+    with pytest.raises(SystemExit):
+        reproduce.main(["--quick", "--out", str(tmp_path), "--only", "pcm", "pmc"])
+    assert "--only: unknown run names ['pmc']" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.jsonl"))
+
+
+def test_phase_weights_quick_runs(bench, tmp_path):
+    weights = bench("phase_weights")
+    out = tmp_path / "w.json"
+    args = ["--quick", "--prompts", "2", "--group-size", "3", "--budget", "2", "--out", str(out)]
+    assert weights.main(args) == 0
+    result = json.loads(out.read_text())
+    assert [r["phase"] for r in result["phases"]] == [
+        "approach",
+        "pre_grasp",
+        "active_grip",
+        "release_ramp",
+        "tail",
+    ]
+
+
+def test_phase_weights_match_a_loop_reference(bench):
+    weights = bench("phase_weights")
+    gen = torch.Generator().manual_seed(0)
+    n, chunks = 8, 6
+    lengths = torch.tensor([6, 3, 5, 1, 6, 4, 2, 6])
+    valid = torch.arange(chunks) < lengths[:, None]
+    phases = torch.where(valid, torch.randint(0, 5, (n, chunks), generator=gen), -1)
+    inclusion = torch.where(valid, torch.rand(n, chunks, generator=gen) + 0.05, 0.0)
+    success = torch.tensor([1, 0, 0, 1, 1, 1, 0, 0], dtype=torch.bool)
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    rows = weights.weights_by_phase(phases, valid, inclusion, success, group)
+    r = success.double()
+    adv = torch.zeros(n, dtype=torch.float64)
+    for g in (0, 1):
+        m = group == g
+        adv[m] = (r[m] - r[m].mean()) / (r[m].std() + 1e-6)
+    for c, row in enumerate(rows):
+        full = masked = 0.0
+        for i in range(n):
+            cs = [t for t in range(chunks) if valid[i, t]]
+            k = sum(float(inclusion[i, t]) for t in cs)
+            full += float(adv[i]) * sum(phases[i, t] == c for t in cs) / len(cs)
+            masked += float(adv[i]) * sum(float(inclusion[i, t]) for t in cs if phases[i, t] == c) / k
+        assert row["full"]["advantage_weighted"] == pytest.approx(full, abs=1e-5)
+        assert row["masked"]["advantage_weighted"] == pytest.approx(masked, abs=1e-5)
+    # Weights sum to one per trajectory and advantages to zero per group: the phases sum to 0.
+    for name in ("full", "masked"):
+        assert sum(row[name]["advantage_weighted"] for row in rows) == pytest.approx(0, abs=1e-5)
+        assert any(abs(row[name]["advantage_weighted"]) > 0.05 for row in rows)
+
+
+def test_phase_weights_needs_a_checkpoint(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench("phase_weights").main([])
+    assert "give --sft PATH (or --quick)" in capsys.readouterr().err

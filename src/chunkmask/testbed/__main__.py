@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         train = replace(train, budget=args.budget)
     cfg = replace(cfg, seed=args.seed, train=train, pcm_ht=not args.no_ht)
     summary = run_demo(args.out, cfg, progress=not args.no_progress)
-    print(format_table(summary, ["grpo", "pcm", "pcm_ht"] if cfg.pcm_ht else ["grpo", "pcm"]))
+    print(format_table(summary, summary["runs"]))
     print(f"\nwrote {args.out}/summary.json and plots ({summary['total_s']:.0f} s in total)")
     return 0
 

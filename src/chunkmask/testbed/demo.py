@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from chunkmask._checks import check_positive_int, check_range
 from chunkmask.allocation import suggest_budget
 from chunkmask.phases import NUM_PHASES
 from chunkmask.scores import success_failure_variance
@@ -63,6 +64,24 @@ class DemoConfig:
     budget_probe_prompts: int = 8
     keep_failed_demos: bool = False
     pcm_ht: bool = True
+
+    def __post_init__(self) -> None:
+        for name in (
+            "demos",
+            "sft_steps",
+            "d_model",
+            "depth",
+            "max_steps",
+            "final_window",
+            "budget_probe_prompts",
+        ):
+            check_positive_int(getattr(self, name), name)
+        check_positive_int(self.seed, "seed", allow_zero=True)
+        check_range(self.expert_noise, "expert_noise", low=0.0)
+        check_range(self.sft_smoothing, "sft_smoothing", low=0.0)
+        check_range(self.threshold_frac, "threshold_frac", low=0.0, high=1.0, low_open=True)
+        if not isinstance(self.train, TrainConfig):
+            raise TypeError(f"`train` must be a TrainConfig, got {type(self.train).__name__}.")
 
     @staticmethod
     def quick() -> "DemoConfig":
@@ -315,6 +334,7 @@ def run_demo(
         runs[name] = result.records
 
     summary = summarize(runs, threshold_frac=cfg.threshold_frac, window=cfg.final_window)
+    summary["runs"] = list(runs)
     summary["sft_s"] = sft_s
     summary["total_s"] = time.perf_counter() - t0
     summary["budget"] = cfg.train.budget
@@ -337,7 +357,7 @@ def run_demo(
         suggested=probe["fraction"],
         budget_fraction=cfg.train.budget / summary["chunks_total"],
     )
-    table = format_table(summary, list(runs))
+    table = format_table(summary, summary["runs"])
     (out / "summary.md").write_text(table + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from chunkmask._checks import check_positive_int, check_range
 from chunkmask.testbed.env import (
     ACTION_DIM,
     OBJ_FEATURES,
@@ -64,10 +65,11 @@ class ScriptedExpert:
         grip_flip: float = 0.003,
         generator: torch.Generator | None = None,
     ) -> None:
+        check_positive_int(num_envs, "num_envs")
         self.config = config or PickPlaceConfig()
         self.layout = obs_layout(self.config.num_objects)
-        self.noise = noise
-        self.grip_flip = grip_flip
+        self.noise = check_range(noise, "noise", low=0.0)
+        self.grip_flip = check_range(grip_flip, "grip_flip", low=0.0, high=1.0)
         self.generator = generator
         self.num_envs = num_envs
         self.reset()
@@ -196,6 +198,9 @@ def collect_demonstrations(
         >>> demos.actions.shape[1:]
         torch.Size([8, 5])
     """
+    check_positive_int(num_episodes, "num_episodes")
+    check_positive_int(horizon, "horizon")
+    check_range(noise, "noise", low=0.0)
     cfg = config or PickPlaceConfig()
     env = PickPlaceVectorEnv(num_episodes, cfg)
     expert = ScriptedExpert(

@@ -13,6 +13,7 @@ from jaxtyping import Float, Int64
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from chunkmask._checks import check_positive_int, check_range
 from chunkmask.testbed.env import ACTION_DIM, EE_FEATURES, OBJ_FEATURES, ObsLayout
 
 
@@ -79,6 +80,19 @@ class ChunkPolicy(nn.Module):
         mlp_ratio: int = 2,
         gradient_checkpointing: bool = False,
     ) -> None:
+        for name, value in (
+            ("num_tasks", num_tasks),
+            ("horizon", horizon),
+            ("action_dim", action_dim),
+            ("bins", bins),
+            ("d_model", d_model),
+            ("depth", depth),
+            ("heads", heads),
+            ("mlp_ratio", mlp_ratio),
+        ):
+            check_positive_int(value, name)
+        if d_model % heads:
+            raise ValueError(f"`d_model` must be divisible by `heads`={heads}, got {d_model}.")
         super().__init__()
         self.layout = layout
         self.horizon = horizon
@@ -148,6 +162,7 @@ class ChunkPolicy(nn.Module):
         temperature: float = 1.0,
     ) -> tuple[Float[Tensor, "batch token"], Float[Tensor, "batch token"]]:
         """Per-token log-probabilities of `tokens` and per-token entropies, at `temperature`."""
+        check_range(temperature, "temperature", low=0.0, low_open=True)
         logp_all = F.log_softmax(self(obs) / temperature, dim=-1)
         logp = logp_all.gather(-1, tokens[..., None])[..., 0]
         entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -171,6 +186,7 @@ class ChunkPolicy(nn.Module):
             `(tokens, logp, entropy)`: `(batch, H * D)` tokens and their log-probabilities at
             `temperature`, and the chunk's mean token entropy `(batch,)`.
         """
+        check_range(temperature, "temperature", low=0.0, low_open=True)
         logp_all = F.log_softmax(self(obs) / temperature, dim=-1)
         probs = logp_all.exp()
         if greedy:

@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 
+from chunkmask._checks import check_positive_int, check_range
 from chunkmask.testbed.expert import Demonstrations
 from chunkmask.testbed.policy import ChunkPolicy, actions_to_tokens
 
@@ -30,13 +31,21 @@ def behaviour_cloning(
         batch_size: chunks per step.
         lr: AdamW learning rate (cosine-decayed to 0).
         weight_decay: AdamW weight decay.
-        smoothing: width (in bins) of the Gaussian label smoothing over neighbouring bins.
+        smoothing: width (in bins) of the Gaussian label smoothing over neighbouring bins; 0
+            gives one-hot targets.
         generator: torch generator for minibatch draws.
         progress: show a tqdm bar.
 
     Returns:
         The loss of every step.
     """
+    check_positive_int(steps, "steps")
+    check_positive_int(batch_size, "batch_size")
+    check_range(lr, "lr", low=0.0, low_open=True)
+    check_range(weight_decay, "weight_decay", low=0.0)
+    check_range(smoothing, "smoothing", low=0.0)
+    if demos.obs.shape[0] == 0:
+        raise ValueError("`demos` must hold at least one chunk, got 0.")
     targets = actions_to_tokens(demos.actions, policy.bins).reshape(demos.actions.shape[0], -1)
     # Ordinal label smoothing: a Gaussian over neighbouring bins (width `smoothing` bins) lets
     # nearby bins share statistical strength when demonstrations are few.

@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Bool, Float, Int64
 from torch import Tensor
 
+from chunkmask._checks import check_option, check_positive_int, check_range
 from chunkmask.advantages import group_relative_advantages
 from chunkmask.losses import masked_grpo_loss
 from chunkmask.masker import ProbabilisticChunkMasker
@@ -61,8 +62,9 @@ class TrainConfig:
         entropy_coef: entropy bonus coefficient.
         mini_batch: trajectories per PPO mini-batch (one AdamW step each). The default takes
             one step on the whole batch: with 64 trajectories of ~50 chunks x 40 tokens and a
-            binary reward, smaller mini-batches (or learning rates above ~5e-5) let Adam's
-            normalised steps follow noise and the SFT policy degrades within a few steps.
+            binary reward, smaller mini-batches (or learning rates of 1e-4 and above) let
+            Adam's normalised steps follow noise; the SFT policy degraded within a few steps
+            in our exploratory runs (see docs/testbed.md).
         refresh_every: PCM keep-probability refresh period `K`.
         p_min: PCM keep-probability floor.
         estimator: `"masked"` (Eq. 11) or `"horvitz_thompson"` (each selected chunk weighted by
@@ -93,6 +95,37 @@ class TrainConfig:
     eval_every: int = 2
     eval_greedy: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError`/`TypeError` naming the first field that is out of range."""
+        check_option(self.selector, "selector", SELECTORS)
+        check_option(self.estimator, "estimator", ("masked", "horvitz_thompson"))
+        if self.estimator == "horvitz_thompson" and self.selector not in ("full", "pcm"):
+            raise ValueError(
+                "`estimator='horvitz_thompson'` needs inclusion probabilities: selector must be "
+                f"'full' or 'pcm', got {self.selector!r}."
+            )
+        for name in (
+            "budget",
+            "steps",
+            "prompts_per_step",
+            "group_size",
+            "mini_batch",
+            "refresh_every",
+            "eval_episodes",
+            "eval_every",
+        ):
+            check_positive_int(getattr(self, name), name)
+        check_positive_int(self.seed, "seed", allow_zero=True)
+        for name in ("temperature", "lr", "grad_clip", "clip_high"):
+            check_range(getattr(self, name), name, low=0.0, low_open=True)
+        for name in ("weight_decay", "entropy_coef"):
+            check_range(getattr(self, name), name, low=0.0)
+        check_range(self.clip_low, "clip_low", low=0.0, high=1.0, low_open=True, high_open=True)
+        check_range(self.p_min, "p_min", low=0.0, high=1.0)
 
 
 class TrainResult(NamedTuple):
@@ -312,13 +345,7 @@ def train(
         A `TrainResult`: the per-step records and the optimiser and masker states (to resume).
     """
     env_cfg = env_config or PickPlaceConfig()
-    if cfg.selector not in SELECTORS:
-        raise ValueError(f"`selector` must be one of {SELECTORS}, got {cfg.selector!r}.")
-    if cfg.estimator == "horvitz_thompson" and cfg.selector not in ("full", "pcm"):
-        raise ValueError(
-            "`estimator='horvitz_thompson'` needs inclusion probabilities: selector must be "
-            f"'full' or 'pcm', got {cfg.selector!r}."
-        )
+    cfg.validate()  # again: the dataclass is mutable
     eval_states = eval_states if eval_states is not None else held_out_states(cfg.eval_episodes)
     n_traj = cfg.prompts_per_step * cfg.group_size
     env = PickPlaceVectorEnv(n_traj, env_cfg)
