@@ -318,8 +318,8 @@ def test_phase_weights_match_a_loop_reference(bench):
         for i in range(n):
             cs = [t for t in range(chunks) if valid[i, t]]
             k = sum(float(inclusion[i, t]) for t in cs)
-            full += float(adv[i]) * sum(phases[i, t] == c for t in cs) / len(cs)
-            masked += float(adv[i]) * sum(float(inclusion[i, t]) for t in cs if phases[i, t] == c) / k
+            full += float(adv[i]) * sum(int(phases[i, t]) == c for t in cs) / len(cs)
+            masked += float(adv[i]) * sum(float(inclusion[i, t]) for t in cs if int(phases[i, t]) == c) / k
         assert row["full"]["advantage_weighted"] == pytest.approx(full, abs=1e-5)
         assert row["masked"]["advantage_weighted"] == pytest.approx(masked, abs=1e-5)
     # Weights sum to one per trajectory and advantages to zero per group: the phases sum to 0.
