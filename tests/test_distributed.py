@@ -1,17 +1,12 @@
 """Two gloo processes with a shared PhaseScoreBuffer agree with one process on the union batch."""
 
-import datetime
-import os
-import time
-import traceback
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from _reference.scores import PhaseScoreBufferRef
+from _spawn import run_workers
 from chunkmask.scores import PhaseScoreBuffer, success_failure_variance
 
 pytestmark = pytest.mark.skipif(
@@ -23,7 +18,6 @@ NUM_PHASES = 4
 STEPS = 7  # two refreshes at refresh_every=3, and a partial window
 REFRESH = 3
 WORLD = 2
-TIMEOUT_S = 60
 
 
 def make_step(step):
@@ -59,64 +53,27 @@ def variance(batch):
     )
 
 
-def _worker(rank, init_file, out_dir):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{init_file}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=datetime.timedelta(seconds=TIMEOUT_S),
-        )
-        group = dist.new_group(backend="gloo")
-        weighted = PhaseScoreBuffer(NUM_PHASES, refresh_every=REFRESH, process_group=group)
-        plain = PhaseScoreBuffer(NUM_PHASES, refresh_every=REFRESH, process_group=group)
-        out_weighted, out_plain = [], []
-        for step in range(STEPS):
-            batch, owner = make_step(step)
-            mine = owner == rank
-            local = variance({k: v[mine] for k, v in batch.items()})
-            weight = local.group_defined.sum(0).to(torch.float64)
-            out_weighted.append(weighted.update(local.scores, local.defined, weight=weight))
-            out_plain.append(plain.update(local.scores, local.defined))
-        torch.save(
-            {
-                "weighted": torch.stack(out_weighted),
-                "plain": torch.stack(out_plain),
-                "state": weighted.state_dict(),
-            },
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:  # report to the parent through a file; the exit code alone loses the cause
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
+def _worker(rank, world):
+    group = dist.new_group(backend="gloo")
+    weighted = PhaseScoreBuffer(NUM_PHASES, refresh_every=REFRESH, process_group=group)
+    plain = PhaseScoreBuffer(NUM_PHASES, refresh_every=REFRESH, process_group=group)
+    out_weighted, out_plain = [], []
+    for step in range(STEPS):
+        batch, owner = make_step(step)
+        mine = owner == rank
+        local = variance({k: v[mine] for k, v in batch.items()})
+        weight = local.group_defined.sum(0).to(torch.float64)
+        out_weighted.append(weighted.update(local.scores, local.defined, weight=weight))
+        out_plain.append(plain.update(local.scores, local.defined))
+    return {
+        "weighted": torch.stack(out_weighted),
+        "plain": torch.stack(out_plain),
+        "state": weighted.state_dict(),
+    }
 
 
 def test_process_group_buffer_equals_union_batch(tmp_path):
-    ctx = mp.start_processes(
-        _worker,
-        args=(str(tmp_path / "init"), str(tmp_path)),
-        nprocs=WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the distributed workers did not finish in time")
-    except mp.ProcessRaisedException as err:
-        errors = [p.read_text() for p in tmp_path.glob("error*.txt")]
-        pytest.fail(f"a worker failed: {err}\n" + "\n".join(errors))
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.terminate()
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    results = run_workers(_worker, WORLD, tmp_path)
 
     single = PhaseScoreBuffer(NUM_PHASES, refresh_every=REFRESH)
     ref = PhaseScoreBufferRef(NUM_PHASES, REFRESH)

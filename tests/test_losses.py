@@ -12,11 +12,10 @@ import chunkmask._checks
 from _reference import losses as ref
 from _reference import verl
 from chunkmask.advantages import group_relative_advantages
+from chunkmask.aggregation import AGGREGATION_MODES, aggregate_loss
 from chunkmask.losses import (
-    AGGREGATION_MODES,
-    GRPOLossOutput,
+    PolicyLossOutput,
     SurrogateOutput,
-    aggregate_loss,
     clipped_surrogate,
     masked_grpo_loss,
 )
@@ -173,87 +172,6 @@ def test_clipped_surrogate_bf16_computes_in_float32():
     torch.testing.assert_close(out.loss, want.loss)
 
 
-# ----------------------------------------------------------------------------- aggregate_loss
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_aggregate_matches_verl_per_row(mode):
-    g = torch.Generator().manual_seed(2)
-    loss = torch.randn(6, 9, generator=g, dtype=F64)
-    mask = torch.rand(6, 9, generator=g) < 0.6
-    mask[:, 0] = True  # no empty rows, where verl's seq-mean-token-mean is NaN
-    torch.testing.assert_close(aggregate_loss(loss, mask, mode), verl.agg_loss(loss, mask, mode))
-    torch.testing.assert_close(
-        aggregate_loss(loss, None, mode), verl.agg_loss(loss, torch.ones(6, 9), mode)
-    )
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_aggregate_segments_equal_concatenated_rows(mode):
-    g = torch.Generator().manual_seed(3)
-    rows, tokens, seqs = 10, 4, 4
-    loss = torch.randn(rows, tokens, generator=g, dtype=F64)
-    mask = torch.rand(rows, tokens, generator=g) < 0.7
-    segment = torch.tensor([0, 0, 0, 2, 2, 3, 3, 3, 3, 0])  # sequence 1 is empty
-    weights = torch.rand(rows, generator=g, dtype=F64) + 0.5
-    # dense layout: one row per sequence, its rows concatenated and padded
-    width = 5 * tokens
-    dense = torch.zeros(seqs, width, dtype=F64)
-    dense_mask = torch.zeros(seqs, width, dtype=torch.bool)
-    fill = [0] * seqs
-    for r in range(rows):
-        s = int(segment[r])
-        dense[s, fill[s] : fill[s] + tokens] = loss[r] * weights[r]
-        dense_mask[s, fill[s] : fill[s] + tokens] = mask[r]
-        fill[s] += tokens
-    norm = float(width) if mode == "seq-mean-token-sum-norm" else None
-    got = aggregate_loss(
-        loss, mask, mode, segment=segment, num_segments=seqs, weights=weights, norm=norm
-    )
-    want = aggregate_loss(dense, dense_mask, mode)
-    torch.testing.assert_close(got, want)
-    # without num_segments (one sync) the same result
-    got2 = aggregate_loss(loss, mask, mode, segment=segment, weights=weights, norm=norm)
-    torch.testing.assert_close(got2, want)
-    # verl, with the empty sequence removed (verl would average it in or give NaN)
-    keep = torch.tensor([0, 2, 3])
-    if mode != "seq-mean-token-sum-norm":
-        torch.testing.assert_close(got, verl.agg_loss(dense[keep], dense_mask[keep], mode))
-
-
-def test_aggregate_empty_sequences_do_not_count():
-    loss = torch.tensor([[2.0, 4.0], [100.0, 100.0]], dtype=F64)
-    mask = torch.tensor([[True, True], [False, False]])
-    assert aggregate_loss(loss, mask, "seq-mean-token-mean").item() == 3.0
-    assert aggregate_loss(loss, mask, "seq-mean-token-sum").item() == 6.0
-    assert aggregate_loss(loss, mask, "seq-mean-token-sum-norm").item() == 3.0
-    assert aggregate_loss(loss, mask, "token-mean").item() == 3.0
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_aggregate_fully_masked_is_zero_with_finite_grads(mode):
-    loss = torch.full((3, 4), float("nan"), dtype=F64, requires_grad=True)
-    mask = torch.zeros(3, 4, dtype=torch.bool)
-    out = aggregate_loss(loss, mask, mode, weights=torch.full((3,), float("nan"), dtype=F64))
-    assert out.item() == 0.0
-    out.backward()
-    assert torch.equal(loss.grad, torch.zeros(3, 4, dtype=F64))
-    empty = aggregate_loss(torch.zeros(0, 4), None, mode)
-    assert empty.item() == 0.0
-
-
-def test_aggregate_norm_overrides():
-    loss = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=F64)
-    assert aggregate_loss(loss, None, "token-mean", norm=5.0).item() == 2.0
-    assert aggregate_loss(loss, None, "seq-mean-token-sum", norm=torch.tensor(4.0)).item() == 2.5
-    assert aggregate_loss(loss, None, "seq-mean-token-sum-norm", norm=10).item() == 1.0
-    per_seq = aggregate_loss(
-        loss, None, "seq-mean-token-mean", norm=torch.tensor([3.0, 0.0], dtype=F64)
-    )
-    assert per_seq.item() == 1.0  # sequence 1 has divisor 0: left out
-    assert aggregate_loss(loss, None, "token-mean", norm=0.0).item() == 0.0
-
-
 # ----------------------------------------------------------------------------- masked_grpo_loss
 
 
@@ -315,7 +233,7 @@ def test_masked_grpo_matches_loop_reference(mode, estimator, kl_type):
         validate_args=True,
         **kwargs,
     )
-    assert isinstance(out, GRPOLossOutput)
+    assert isinstance(out, PolicyLossOutput)
     assert all(v.ndim == 0 for v in out)
     want = dense_reference(
         batch,
@@ -414,7 +332,7 @@ def test_full_selection_equals_verl_full_batch(mode, dual_clip):
     (grad_ours,) = torch.autograd.grad(out.loss, p["logp"])
     dense = torch.zeros(traj * n, tokens, dtype=F64)
     dense[sel.flat_index()] = grad_ours
-    torch.testing.assert_close(dense.reshape(traj, n * tokens), grad_verl, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(dense.reshape(traj, n * tokens), grad_verl, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -617,7 +535,7 @@ def test_horvitz_thompson_is_unbiased_by_enumeration(full_tokens):
             expected[mode] += prob * torch.stack([getattr(out, f) for f in fields])
     for mode in MODES:
         want = torch.stack([getattr(full[mode], f) for f in fields])
-        if full_tokens or mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        if full_tokens or mode in ("token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
             torch.testing.assert_close(expected[mode], want, rtol=1e-10, atol=1e-12)
         else:  # token-mean modes with partially valid chunks: the full-length divisor differs
             assert not torch.allclose(expected[mode], want)
@@ -731,19 +649,6 @@ def test_gradcheck_clipped_surrogate():
     adv = torch.randn(6, generator=g, dtype=F64).requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda lp, a: clipped_surrogate(lp, old, a, dual_clip=1.5).loss, (logp, adv)
-    )
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_gradcheck_aggregate_loss(mode):
-    g = torch.Generator().manual_seed(12)
-    loss = torch.randn(5, 3, generator=g, dtype=F64).requires_grad_(True)
-    weights = (torch.rand(5, generator=g, dtype=F64) + 0.5).requires_grad_(True)
-    mask = torch.rand(5, 3, generator=g) < 0.7
-    segment = torch.tensor([0, 0, 1, 2, 2])
-    assert torch.autograd.gradcheck(
-        lambda x, w: aggregate_loss(x, mask, mode, segment=segment, num_segments=4, weights=w),
-        (loss, weights),
     )
 
 
@@ -872,7 +777,7 @@ def _ok():
         (
             dict(logp=torch.zeros(3, 2, 1), old_logp=torch.zeros(3, 2, 1)),
             ValueError,
-            r"`logp` must have 1 or 2 dimensions",
+            r"`logp` must be packed \(M,\) or \(M, K\), got 3 dimensions",
         ),
         (dict(logp=torch.zeros(3, 2, dtype=torch.int64)), TypeError, r"`logp` must have a float"),
         (
@@ -887,7 +792,7 @@ def _ok():
             ValueError,
             r"`mask` must have the same shape as `logp` \(3, 2\), got \(3, 1\)",
         ),
-        (dict(selection=(1, 2)), TypeError, r"`selection` must be a Selection"),
+        (dict(selection=(1, 2)), TypeError, r"`selection` must be a chunkmask.Selection, got tuple"),
         (dict(loss_agg_mode="seq-mean"), ValueError, r"`loss_agg_mode` must be one of"),
         (dict(estimator="ht"), ValueError, r"`estimator` must be one of"),
         (dict(kl_type="k4"), ValueError, r"`kl_type` must be one of"),
@@ -943,7 +848,7 @@ def _ok():
                 validate_args=True,
             ),
             ValueError,
-            r"one row per selected chunk \(3\), got 4 rows",
+            r"`logp` must have one row per selected chunk of `selection` \(3\), got 4 rows",
         ),
         (
             dict(logp=torch.full((3, 2), float("nan")), validate_args=True),
@@ -1020,69 +925,3 @@ def test_masked_grpo_loss_errors(change, error, match):
 def test_clipped_surrogate_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         unchecked(clipped_surrogate)(**kwargs)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        (dict(loss=torch.zeros(3)), ValueError, r"`loss` must have 2 dimensions"),
-        (dict(loss=torch.zeros(2, 3, dtype=torch.int64)), TypeError, r"`loss` must have a float"),
-        (dict(loss=torch.zeros(2, 3), mode="mean"), ValueError, r"`mode` must be one of"),
-        (
-            dict(loss=torch.zeros(2, 3), mask=torch.ones(2, 3)),
-            TypeError,
-            r"`mask` must have a bool",
-        ),
-        (
-            dict(loss=torch.zeros(2, 3), mask=torch.ones(2, 2, dtype=torch.bool)),
-            ValueError,
-            r"`mask` must have the same shape as `loss` \(2, 3\), got \(2, 2\)",
-        ),
-        (
-            dict(loss=torch.zeros(2, 3), segment=torch.zeros(3, dtype=torch.int64)),
-            ValueError,
-            r"`segment` must have shape \(2,\), got \(3,\)",
-        ),
-        (
-            dict(loss=torch.zeros(2, 3), segment=torch.zeros(2)),
-            TypeError,
-            r"`segment` must have an int dtype",
-        ),
-        (
-            dict(loss=torch.zeros(2, 3), num_segments=2),
-            ValueError,
-            r"`num_segments` is only used with `segment`",
-        ),
-        (
-            dict(
-                loss=torch.zeros(2, 3), segment=torch.zeros(2, dtype=torch.int64), num_segments=-1
-            ),
-            ValueError,
-            r"`num_segments` must be an int >= 0",
-        ),
-        (dict(loss=torch.zeros(2, 3), norm=-1.0), ValueError, r"`norm` must be >= 0"),
-        (
-            dict(loss=torch.zeros(2, 3), norm=torch.ones(2)),
-            ValueError,
-            r"`norm` must have 0 dimensions",
-        ),
-        (
-            dict(loss=torch.zeros(2, 3), mode="seq-mean-token-mean", norm=torch.ones(3)),
-            ValueError,
-            r"`norm` must have shape \(2,\), got \(3,\)",
-        ),
-        (
-            dict(loss=torch.zeros(2, 3), mode="seq-mean-token-mean", norm=2.0),
-            TypeError,
-            r"`norm` must be a torch.Tensor",
-        ),
-        (
-            dict(loss=torch.zeros(2, 3), weights=torch.ones(3)),
-            ValueError,
-            r"`weights` must have the shape of `loss` \(2, 3\)",
-        ),
-    ],
-)
-def test_aggregate_loss_errors(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        unchecked(aggregate_loss)(**kwargs)

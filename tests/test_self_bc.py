@@ -1,25 +1,21 @@
-"""Tests for chunkmask.self_bc: buffer policies and state, BC loss gradients, weight-rule invariants."""
+"""Self behaviour cloning: success-buffer policies and state, BC loss gradients, weight-rule invariants."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chunkmask.ppo import chunk_log_prob
-from chunkmask.selection import Selection
-from chunkmask.self_bc import (
-    AdmitSuccessful,
+from chunkmask.bc_weights import (
     BCWeight,
     ConstantBCWeight,
-    EntryInfo,
-    EvictOldest,
-    EvictSlowest,
     LossBalanceBCWeight,
     ProductBCWeight,
-    SuccessBuffer,
     SuccessRateBCWeight,
-    bc_loss,
 )
+from chunkmask.log_probs import chunk_log_prob
+from chunkmask.losses import bc_loss
+from chunkmask.selection import Selection
+from chunkmask.success_buffer import AdmitSuccessful, EntryInfo, EvictOldest, EvictSlowest, SuccessBuffer
 from chunkmask.shrinking import shrink
 
 F64 = torch.float64
@@ -208,7 +204,7 @@ def test_bc_loss_gradients_match_manual_nll():
     valid = torch.tensor([[True] * 4, [True, True, False, False], [True, False, False, False]])
     logp_dims = -0.5 * (actions - mu).square()
     loss = bc_loss(chunk_log_prob(logp_dims, valid[..., None, None].expand_as(mu), event_dims=2),
-                   valid, event_size=4)
+                   mask=valid, event_size=4)
     loss.backward()
     # d/dmu of the mean (over valid chunks) of 0.5 * |a - mu|^2 / 4
     want = torch.where(valid[..., None, None], -(actions - mu.detach()) / 4 / valid.sum(), 0)
@@ -219,9 +215,9 @@ def test_bc_loss_gradcheck_and_nan_padding():
     lp = torch.randn(2, 3, dtype=F64, requires_grad=True)
     mask = torch.tensor([[True, False, True], [False, False, True]])
     for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
-        torch.autograd.gradcheck(lambda x, m=mode: bc_loss(x, mask, loss_agg_mode=m), (lp,))
+        torch.autograd.gradcheck(lambda x, m=mode: bc_loss(x, mask=mask, loss_agg_mode=m), (lp,))
     x = lp.detach().masked_fill(~mask, float("nan")).requires_grad_(True)
-    bc_loss(x, mask).backward()
+    bc_loss(x, mask=mask).backward()
     assert torch.isfinite(x.grad).all() and (x.grad[~mask] == 0).all()
 
 
@@ -231,23 +227,23 @@ def test_bc_loss_packed_equals_padded():
     sel = Selection.from_mask(valid)
     packed = shrink(lp, sel)
     for mode in ("token-mean", "seq-mean-token-mean"):
-        torch.testing.assert_close(bc_loss(lp, valid, loss_agg_mode=mode),
+        torch.testing.assert_close(bc_loss(lp, mask=valid, loss_agg_mode=mode),
                                    bc_loss(packed, selection=sel, loss_agg_mode=mode))
-    assert bc_loss(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bool)).item() == 0.0
+    assert bc_loss(torch.zeros(2, 2), mask=torch.zeros(2, 2, dtype=torch.bool)).item() == 0.0
 
 
 def test_bc_loss_errors():
-    with pytest.raises(ValueError, match="`logp` must have 1 or 2 dimensions"):
+    with pytest.raises(ValueError, match=r"`logp` must be \(rows, token\) or \(m,\), got 3 dimensions"):
         bc_loss(torch.zeros(1, 2, 3))
     with pytest.raises(TypeError, match="`mask` must have a bool dtype"):
-        bc_loss(torch.zeros(2), torch.zeros(2))
+        bc_loss(torch.zeros(2), mask=torch.zeros(2))
     with pytest.raises(ValueError, match=r"`mask` must have the same shape as `logp` \(2,\)"):
-        bc_loss(torch.zeros(2), torch.zeros(3, dtype=torch.bool))
+        bc_loss(torch.zeros(2), mask=torch.zeros(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="`loss_agg_mode` must be one of"):
         bc_loss(torch.zeros(2), loss_agg_mode="sum")
     with pytest.raises(ValueError, match="`event_size` must be > 0"):
         bc_loss(torch.zeros(2), event_size=0)
-    with pytest.raises(ValueError, match=r"`logp` must be a packed \(M,\) batch"):
+    with pytest.raises(ValueError, match=r"`logp` must have one row per selected chunk of `selection` \(4\), got 2"):
         bc_loss(torch.zeros(2, 2), selection=Selection.from_mask(torch.ones(2, 2, dtype=torch.bool)))
     with pytest.raises(TypeError, match="`selection` must be a chunkmask.Selection"):
         bc_loss(torch.zeros(2), selection=3)

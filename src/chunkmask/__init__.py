@@ -1,6 +1,18 @@
 """chunkmask: spend RL gradient compute only on the action chunks where outcomes diverge."""
 
-from chunkmask.advantages import group_relative_advantages
+from chunkmask.advantages import (
+    ChunkGAEOutput,
+    chunk_gae,
+    chunk_rewards,
+    group_relative_advantages,
+    whiten_advantages,
+)
+from chunkmask.aggregation import (
+    AGGREGATION_MODES,
+    LossNormalizers,
+    aggregate_loss,
+    loss_normalizers,
+)
 from chunkmask.allocation import (
     BudgetSuggestion,
     keep_probabilities,
@@ -8,13 +20,22 @@ from chunkmask.allocation import (
     neyman_allocation_continuous,
     suggest_budget,
 )
+from chunkmask.bc_weights import (
+    BCWeight,
+    ConstantBCWeight,
+    LossBalanceBCWeight,
+    ProductBCWeight,
+    SuccessRateBCWeight,
+)
+from chunkmask.log_probs import chunk_log_prob
 from chunkmask.losses import (
-    AGGREGATION_MODES,
-    GRPOLossOutput,
+    PolicyLossOutput,
     SurrogateOutput,
-    aggregate_loss,
+    bc_loss,
+    chunked_ppo_loss,
     clipped_surrogate,
     masked_grpo_loss,
+    value_loss,
 )
 from chunkmask.masker import MaskerInfo, ProbabilisticChunkMasker
 from chunkmask.phases import (
@@ -23,16 +44,6 @@ from chunkmask.phases import (
     gripper_close_fraction,
     label_gripper_phases,
     label_time_segments,
-)
-from chunkmask.ppo import (
-    ChunkedPPOLossOutput,
-    ChunkGAEOutput,
-    chunk_gae,
-    chunk_log_prob,
-    chunk_rewards,
-    chunked_ppo_loss,
-    value_loss,
-    whiten_advantages,
 )
 from chunkmask.profiling import (
     CudaPeakMemory,
@@ -52,20 +63,14 @@ from chunkmask.sampling import (
 )
 from chunkmask.scores import PhaseScoreBuffer, PhaseVariance, success_failure_variance
 from chunkmask.selection import Selection
-from chunkmask.self_bc import (
+from chunkmask.shrinking import shrink, unshrink
+from chunkmask.success_buffer import (
     AdmitSuccessful,
-    BCWeight,
-    ConstantBCWeight,
     EntryInfo,
     EvictOldest,
     EvictSlowest,
-    LossBalanceBCWeight,
-    ProductBCWeight,
     SuccessBuffer,
-    SuccessRateBCWeight,
-    bc_loss,
 )
-from chunkmask.shrinking import shrink, unshrink
 
 __version__ = "0.1.0"
 
@@ -75,20 +80,20 @@ __all__ = [
     "BCWeight",
     "BudgetSuggestion",
     "ChunkGAEOutput",
-    "ChunkedPPOLossOutput",
     "ConstantBCWeight",
     "CudaPeakMemory",
     "EntryInfo",
     "EvictOldest",
     "EvictSlowest",
     "FlopCount",
-    "GRPOLossOutput",
     "LossBalanceBCWeight",
+    "LossNormalizers",
     "MaskerInfo",
     "NUM_PHASES",
     "Phase",
     "PhaseScoreBuffer",
     "PhaseVariance",
+    "PolicyLossOutput",
     "ProbabilisticChunkMasker",
     "ProductBCWeight",
     "SavedTensorCounter",
@@ -112,6 +117,7 @@ __all__ = [
     "keep_probabilities",
     "label_gripper_phases",
     "label_time_segments",
+    "loss_normalizers",
     "masked_grpo_loss",
     "neyman_allocation",
     "neyman_allocation_continuous",

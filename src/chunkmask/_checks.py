@@ -81,15 +81,6 @@ def check_same_shape(x: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
         )
 
 
-def check_leading_shape(x: Tensor, name: str, ref: Tensor, ref_name: str, ndim: int) -> None:
-    """Check that the first ``ndim`` sizes of ``x`` match those of ``ref``."""
-    if x.ndim < ndim or x.shape[:ndim] != ref.shape[:ndim]:
-        raise ValueError(
-            f"`{name}` must start with the shape {_shape(ref)[:ndim]} of `{ref_name}`, "
-            f"got {_shape(x)}."
-        )
-
-
 def check_same_device(x: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
     """Check that ``x`` lives on the device of ``ref``."""
     if x.device != ref.device:
@@ -177,3 +168,108 @@ def resolve_valid(
         )
     check_same_device(valid, name, ref, ref_name)
     return valid
+
+
+def resolve_mask(mask: Any, name: str, ref: Tensor, ref_name: str) -> Tensor:
+    """Return ``mask`` checked against ``ref`` (bool, same shape and device), or all True if None."""
+    if mask is None:
+        return torch.ones(ref.shape, dtype=torch.bool, device=ref.device)
+    check_tensor(mask, name, dtypes="bool")
+    check_same_shape(mask, name, ref, ref_name)
+    check_same_device(mask, name, ref, ref_name)
+    return mask
+
+
+def values_checkable(x: Tensor, validate_args: bool) -> bool:
+    """Whether value checks on ``x`` should run: always with ``validate_args``, else only when free.
+
+    A value check (finite, in range) reads tensor contents on the host. On the CPU in eager mode
+    that costs no device synchronisation, so it always runs; on an accelerator, or while
+    `torch.compile` traces, it runs only when the caller asks with ``validate_args=True``.
+    """
+    if validate_args:
+        return True
+    compiling = torch.compiler.is_compiling()
+    return x.device.type == "cpu" and not compiling
+
+
+def check_nonnegative(x: Tensor, name: str, where: Tensor | None = None) -> None:
+    """Check that ``x`` is finite and >= 0 (only at ``where`` if given). Synchronises."""
+    check_finite(x, name, where)
+    bad = x < 0
+    if where is not None:
+        bad = bad & where
+    if bool(bad.any()):
+        raise ValueError(
+            f"`{name}` must be >= 0, got {int(bad.sum())} negative value(s) "
+            f"(smallest {float(torch.where(bad, x, 0).min()):.6g})."
+        )
+
+
+def check_packed_rows(rows: int, name: str, selection_mask: Tensor, validate_args: bool) -> None:
+    """Check that a packed tensor has one row per selected chunk (``selection.mask.sum()``).
+
+    Runs where value checks run (see `values_checkable`): it reads the selection's count.
+    """
+    if values_checkable(selection_mask, validate_args):
+        selected = int(selection_mask.sum())
+        if selected != rows:
+            raise ValueError(
+                f"`{name}` must have one row per selected chunk of `selection` ({selected}), "
+                f"got {rows} rows."
+            )
+
+
+def check_power(value: Any, name: str = "power") -> float:
+    """Check that ``value`` is a positive finite real number (an exponent); return it as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}.")
+    value = float(value)
+    if not 0 < value < float("inf"):
+        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
+    return value
+
+
+def check_process_group(group: Any, name: str = "process_group") -> Any:
+    """Check that ``group`` is None or a ``torch.distributed`` process group; return it."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(
+            f"`{name}` must be a torch.distributed.ProcessGroup or None, got "
+            f"{type(group).__name__}."
+        )
+    return group
+
+
+def check_finite_nonnegative(
+    x: Tensor, name: str, where: Tensor | None = None, where_desc: str = ""
+) -> None:
+    """Check that ``x`` is finite and >= 0 (only at ``where`` if given). Synchronises once.
+
+    The happy path is one fused reduction (``aminmax`` propagates NaN); the counting pass runs
+    only to word the error. ``where_desc`` (e.g. ``" at valid chunks"``) goes after the rule.
+    """
+    if x.numel() == 0:
+        return
+    xs = x if where is None else torch.where(where, x, 0)
+    if xs.dtype == torch.bool:
+        return
+    low, high = torch.aminmax(xs)
+    if bool((low >= 0) & (high < float("inf"))):
+        return
+    bad = ~((xs >= 0) & (xs < float("inf")))
+    first = xs[bad][0].item()
+    raise ValueError(
+        f"`{name}` must be finite and non-negative{where_desc}, got {int(bad.sum())} bad "
+        f"value(s) (first: {first})."
+    )
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Check that ``value`` is a Python bool (not an int or a tensor); return it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}.")
+    return value

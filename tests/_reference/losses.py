@@ -65,11 +65,13 @@ def aggregate(
             if den > 0:
                 per.append(seq_sum[i] / den)
         return math.fsum(per) / len(per) if per else 0.0
+    if mode == "token-sum":
+        return total
+    g = sum(1 for i in range(traj) if (num_chunks[i] > 0 if ht else seq_count[i] > 0))
     if mode == "seq-mean-token-sum":
-        g = sum(1 for i in range(traj) if (num_chunks[i] > 0 if ht else seq_count[i] > 0))
         return total / g if g > 0 else 0.0
     if mode == "seq-mean-token-sum-norm":
-        return total / ((n if ht else k) * tokens)
+        return total / (g * (n if ht else k) * tokens) if g > 0 else 0.0
     raise ValueError(mode)
 
 
@@ -187,9 +189,11 @@ def policy_loss_by_hand(
             if den > 0:
                 per.append(seq_sum[i] / den)
         return sum(per, zero) / len(per) if per else zero
+    if mode == "token-sum":
+        return total
+    g = sum(1 for i in range(traj) if (num_chunks[i] > 0 if ht else seq_count[i] > 0))
     if mode == "seq-mean-token-sum":
-        g = sum(1 for i in range(traj) if (num_chunks[i] > 0 if ht else seq_count[i] > 0))
         return total / g if g > 0 else zero
     if mode == "seq-mean-token-sum-norm":
-        return total / ((n if ht else k) * tokens)
+        return total / (g * (n if ht else k) * tokens) if g > 0 else zero
     raise ValueError(mode)

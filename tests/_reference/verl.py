@@ -10,9 +10,9 @@ columns, a 0/1 `response_mask`. Behaviours reproduced on purpose:
 
 - a group of one gets mean 0 and std 1 (so its advantage is `r / (1 + eps)`);
 - the std is Bessel-corrected (`torch.std`);
-- `seq-mean-token-mean` divides by each row's token count with no guard (an empty row gives NaN),
-  and averages over all rows; `seq-mean-token-sum` averages over all rows;
-  `seq-mean-token-sum-norm` divides the total token sum by `response_length` (not by the rows);
+- `agg_loss` is verl 0.9.1's: every seq mode leaves out empty rows and divides by
+  `global_batch_size` (default: this rank's non-empty rows), `seq-mean-token-sum-norm` also by
+  `loss_scale_factor`, and every mode is multiplied by `dp_size`; an all-empty batch gives NaN;
 - dual clip is applied with `clip_ratio_c` (verl's default 3.0) to negative advantages.
 """
 
@@ -54,17 +54,53 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum()
 
 
-def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str) -> Tensor:
+def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
+    return (values * mask.to(torch.float64)).sum()
+
+
+def agg_loss(
+    loss_mat: Tensor,
+    loss_mask: Tensor,
+    loss_agg_mode: str,
+    dp_size: int = 1,
+    batch_num_tokens=None,
+    global_batch_size=None,
+    loss_scale_factor=None,
+) -> Tensor:
+    """verl 0.9.1's `agg_loss`, restated in float64.
+
+    - token-mean: masked token sum / batch_num_tokens * dp_size (default: this rank's tokens);
+    - token-sum: masked token sum * dp_size;
+    - seq-mean-token-sum: sum over non-empty rows of their token sums / global_batch_size *
+      dp_size (default: this rank's non-empty rows);
+    - seq-mean-token-sum-norm: the seq-mean-token-sum value / loss_scale_factor (default: the
+      horizon `loss_mask.shape[-1]`);
+    - seq-mean-token-mean: sum over non-empty rows of sum / (count + 1e-8), / global_batch_size *
+      dp_size.
+    """
+    loss_mat = loss_mat.to(torch.float64)
     mask = loss_mask.to(torch.float64)
     if loss_agg_mode == "token-mean":
-        return masked_mean(loss_mat, mask)
-    seq_sums = (loss_mat * mask).sum(-1)
-    if loss_agg_mode == "seq-mean-token-sum":
-        return seq_sums.mean()
+        if batch_num_tokens is None:
+            batch_num_tokens = mask.sum()
+        return masked_sum(loss_mat, mask) / batch_num_tokens * dp_size
+    if loss_agg_mode == "token-sum":
+        return masked_sum(loss_mat, mask) * dp_size
+    token_count = mask.sum(-1)
+    seq_mask = (token_count > 0).to(torch.float64)
+    if global_batch_size is None:
+        global_batch_size = seq_mask.sum()
+    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        seq_losses = (loss_mat * mask).sum(-1)
+        loss = masked_sum(seq_losses, seq_mask) / global_batch_size * dp_size
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            if loss_scale_factor is None:
+                loss_scale_factor = loss_mask.shape[-1]
+            loss = loss / loss_scale_factor
+        return loss
     if loss_agg_mode == "seq-mean-token-mean":
-        return (seq_sums / mask.sum(-1)).mean()
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return seq_sums.sum() / loss_mask.shape[-1]
+        seq_losses = (loss_mat * mask).sum(-1) / (token_count + 1e-8)
+        return masked_sum(seq_losses, seq_mask) / global_batch_size * dp_size
     raise ValueError(loss_agg_mode)
 
 

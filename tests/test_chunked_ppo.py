@@ -1,4 +1,4 @@
-"""Tests for chunkmask.ppo: loop oracles for chunk GAE, losses on padded and packed batches, errors."""
+"""Chunk-level PPO: loop oracles for chunk rewards and GAE, the PPO and value losses on padded and packed batches, errors."""
 
 import pytest
 import torch
@@ -6,18 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _reference import ppo as ref
-from chunkmask.losses import aggregate_loss, clipped_surrogate
+from chunkmask.advantages import ChunkGAEOutput, chunk_gae, chunk_rewards, whiten_advantages
+from chunkmask.aggregation import aggregate_loss
+from chunkmask.log_probs import chunk_log_prob
+from chunkmask.losses import PolicyLossOutput, chunked_ppo_loss, clipped_surrogate, value_loss
 from chunkmask.masker import ProbabilisticChunkMasker
-from chunkmask.ppo import (
-    ChunkedPPOLossOutput,
-    ChunkGAEOutput,
-    chunk_gae,
-    chunk_log_prob,
-    chunk_rewards,
-    chunked_ppo_loss,
-    value_loss,
-    whiten_advantages,
-)
 from chunkmask.selection import Selection
 from chunkmask.shrinking import shrink
 
@@ -218,8 +211,8 @@ def ppo_inputs(seed, traj=4, n=5):
 )
 def test_chunked_ppo_loss_padded_equals_core_primitives(mode):
     logp, old, adv, valid = ppo_inputs(0)
-    out = chunked_ppo_loss(logp, old, adv, valid, loss_agg_mode=mode, dual_clip=3.0)
-    assert isinstance(out, ChunkedPPOLossOutput)
+    out = chunked_ppo_loss(logp, old, adv, mask=valid, loss_agg_mode=mode, dual_clip=3.0)
+    assert isinstance(out, PolicyLossOutput)
     z = torch.zeros((), dtype=F64)
     sur = clipped_surrogate(torch.where(valid, logp, z), torch.where(valid, old, z),
                             torch.where(valid, adv, z), dual_clip=3.0)
@@ -231,7 +224,7 @@ def test_chunked_ppo_loss_packed_equals_padded(mode):
     logp, old, adv, valid = ppo_inputs(1)
     sel = Selection.from_mask(valid)
     packed = shrink({"logp": logp, "old": old, "adv": adv}, sel)
-    a = chunked_ppo_loss(logp, old, adv, valid, loss_agg_mode=mode)
+    a = chunked_ppo_loss(logp, old, adv, mask=valid, loss_agg_mode=mode)
     b = chunked_ppo_loss(packed["logp"], packed["old"], packed["adv"], selection=sel,
                          loss_agg_mode=mode)
     torch.testing.assert_close(a.loss, b.loss)
@@ -241,7 +234,7 @@ def test_chunked_ppo_loss_packed_equals_padded(mode):
 def test_chunked_ppo_loss_gradient_zero_at_padding():
     logp, old, adv, valid = ppo_inputs(2)
     logp = logp.clone().requires_grad_(True)
-    out = chunked_ppo_loss(logp, old, adv, valid)
+    out = chunked_ppo_loss(logp, old, adv, mask=valid)
     out.loss.backward()
     assert torch.isfinite(logp.grad).all()
     assert (logp.grad[~valid] == 0).all()
@@ -252,7 +245,7 @@ def test_chunked_ppo_gradcheck():
     z = torch.zeros((), dtype=F64)
     x = torch.where(valid, logp, z).requires_grad_(True)
     torch.autograd.gradcheck(
-        lambda t: chunked_ppo_loss(t, old, adv, valid, clip_high=1e3, clip_low=0.999).loss, (x,)
+        lambda t: chunked_ppo_loss(t, old, adv, mask=valid, clip_high=1e3, clip_low=0.999).loss, (x,)
     )
 
 
@@ -292,10 +285,10 @@ def test_pcm_selection_shrink_then_ppo_and_value_loss():
     with torch.no_grad():
         full_logp = policy(obs).squeeze(-1) + old_logp
         chosen = sel.chunk_mask()
-        dense = chunked_ppo_loss(full_logp, old_logp, adv, chosen,
+        dense = chunked_ppo_loss(full_logp, old_logp, adv, mask=chosen,
                                  loss_agg_mode="seq-mean-token-mean")
         torch.testing.assert_close(dense.loss, pol.loss.detach())
-        dense_v = value_loss(critic(obs).squeeze(-1), returns, chosen, old_values=old_values)
+        dense_v = value_loss(critic(obs).squeeze(-1), returns, mask=chosen, old_values=old_values)
         torch.testing.assert_close(dense_v, vl.detach())
 
 
@@ -311,7 +304,7 @@ def test_value_loss_matches_loop(seed, clip, loss_type, delta):
     ret = 5 * torch.randn(12, generator=g, dtype=F64)
     old = v + torch.randn(12, generator=g, dtype=F64)
     mask = torch.rand(12, generator=g) < 0.7
-    got = value_loss(v.view(3, 4), ret.view(3, 4), mask.view(3, 4), old_values=old.view(3, 4),
+    got = value_loss(v.view(3, 4), ret.view(3, 4), mask=mask.view(3, 4), old_values=old.view(3, 4),
                      clip=clip, loss_type=loss_type, huber_delta=delta)
     want = ref.value_loss_ref(v.tolist(), ret.tolist(), old.tolist(), mask.tolist(), clip, delta,
                               loss_type)
@@ -323,8 +316,8 @@ def test_value_loss_gradcheck_and_padding():
     v = torch.randn(2, 3, generator=g, dtype=F64, requires_grad=True)
     ret = 20 * torch.randn(2, 3, generator=g, dtype=F64)
     mask = torch.tensor([[True, True, False], [True, False, False]])
-    torch.autograd.gradcheck(lambda x: value_loss(x, ret, mask, clip=None), (v,))
-    value_loss(v, ret.masked_fill(~mask, float("nan")), mask).backward()
+    torch.autograd.gradcheck(lambda x: value_loss(x, ret, mask=mask, clip=None), (v,))
+    value_loss(v, ret.masked_fill(~mask, float("nan")), mask=mask).backward()
     assert (v.grad[~mask] == 0).all() and torch.isfinite(v.grad).all()
 
 
@@ -391,11 +384,11 @@ def test_errors():
         chunked_ppo_loss(r, torch.zeros(2, 2), r)
     with pytest.raises(ValueError, match="`loss_agg_mode` must be one of"):
         chunked_ppo_loss(r, r, r, loss_agg_mode="mean")
-    with pytest.raises(ValueError, match=r"`logp` must be a packed \(M,\) batch"):
+    with pytest.raises(ValueError, match=r"`logp` must have one row per selected chunk of `selection` \(6\), got 2"):
         chunked_ppo_loss(r, r, r, selection=Selection.from_mask(torch.ones(2, 3, dtype=torch.bool)))
     with pytest.raises(TypeError, match="`selection` must be a chunkmask.Selection"):
         chunked_ppo_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), selection="x")
-    with pytest.raises(ValueError, match=r"`logp` must be a \(traj, chunk\) batch"):
+    with pytest.raises(ValueError, match=r"`logp` must be \(rows, token\) or \(m,\), got 3 dimensions"):
         chunked_ppo_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))
     with pytest.raises(ValueError, match="`loss_type` must be one of"):
         value_loss(r, r, loss_type="l1")

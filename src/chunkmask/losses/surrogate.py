@@ -1,0 +1,185 @@
+"""The per-token clipped surrogate of Eq. (2) and the KL estimators the policy losses share."""
+
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from chunkmask._checks import check_range, check_same_device, check_same_shape, check_tensor
+from chunkmask.aggregation import compute_dtype
+
+__all__ = ["KL_TYPES", "SurrogateOutput", "clipped_surrogate"]
+
+KL_TYPES: tuple[str, ...] = ("k1", "k2", "k3")
+"""Schulman's KL estimators accepted by the policy losses (`k3` is verl's `low_var_kl`)."""
+
+
+class SurrogateOutput(NamedTuple):
+    r"""Per-token result of `clipped_surrogate`; every field has the shape of `logp`.
+
+    Attributes:
+        loss: the surrogate loss $L_t$ to minimise (the negated clipped objective).
+        ratio: the importance ratio $\rho_t$ (after the log-ratio clamp).
+        clipped_low: bool, the lower bound $1 - \varepsilon_{low}$ is active ($A_t < 0$ and
+            $\rho_t < 1 - \varepsilon_{low}$), so the token passes no gradient.
+        clipped_high: bool, the upper bound $1 + \varepsilon_{high}$ is active ($A_t > 0$ and
+            $\rho_t > 1 + \varepsilon_{high}$), so the token passes no gradient.
+        dual_clipped: bool, the dual clip $-A_t c$ is active ($A_t < 0$, $\rho_t > c$); all
+            False when the dual clip is off.
+    """
+
+    loss: Tensor
+    ratio: Tensor
+    clipped_low: Tensor
+    clipped_high: Tensor
+    dual_clipped: Tensor
+
+
+def check_clip_args(
+    clip_low: float, clip_high: float, dual_clip: float | None, log_ratio_clamp: float
+) -> tuple[float, float, float | None, float]:
+    clip_low = check_range(clip_low, "clip_low", low=0.0, high=1.0)
+    clip_high = check_range(clip_high, "clip_high", low=0.0)
+    if dual_clip is not None:
+        dual_clip = check_range(dual_clip, "dual_clip", low=1.0, low_open=True)
+    log_ratio_clamp = check_range(log_ratio_clamp, "log_ratio_clamp", low=0.0, low_open=True)
+    return clip_low, clip_high, dual_clip, log_ratio_clamp
+
+
+def broadcast_advantages(
+    advantages: Tensor, ref: Tensor, name: str = "advantages", ref_name: str = "logp"
+) -> Tensor:
+    """Append singleton axes so `advantages` (a leading-prefix shape of `ref`) broadcasts."""
+    if advantages.ndim > ref.ndim or advantages.shape != ref.shape[: advantages.ndim]:
+        raise ValueError(
+            f"`{name}` must have the shape of `{ref_name}` {tuple(ref.shape)} or a leading part "
+            "of it, "
+            f"got {tuple(advantages.shape)}."
+        )
+    return advantages.reshape(advantages.shape + (1,) * (ref.ndim - advantages.ndim))
+
+
+def clipped_surrogate(
+    logp: Float[Tensor, "*batch"],
+    old_logp: Float[Tensor, "*batch"],
+    advantages: Float[Tensor, "*adv"],
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    dual_clip: float | None = None,
+    log_ratio_clamp: float = 20.0,
+) -> SurrogateOutput:
+    r"""Compute the per-token clipped surrogate loss with clip-higher and optional dual clip.
+
+    $$
+    \rho_t = \exp\!\big(\operatorname{clamp}(\log\pi_\theta - \log\pi_{old}, -\kappa, \kappa)\big),
+    \qquad
+    L^{1}_t = \max\!\big(-A_t\rho_t,\; -A_t\operatorname{clip}(\rho_t, 1-\varepsilon_{low},
+        1+\varepsilon_{high})\big),
+    $$
+    $$
+    L_t = \begin{cases} \min(L^{1}_t, -A_t c) & A_t < 0 \text{ and dual clip on}\\
+        L^{1}_t & \text{otherwise.}\end{cases}
+    $$
+
+    See Eq. (2) of Anonymous et al. (2026), Probabilistic Chunk Masking, arXiv 2605.16154. The
+    asymmetric bounds are DAPO's "clip-higher" (Yu et al. 2025, arXiv 2503.14476, Eq. 10:
+    `clip_high` is $\varepsilon_{high}$); the dual clip is Ye et al. (2020), arXiv 1912.09729,
+    with verl's convention (`clip_ratio_c`, default 3 there, off here). $L_t$ is the negated
+    objective, ready to minimise.
+
+    The surrogate is computed in float32 for half/bfloat16/float32 inputs and in float64 for
+    float64 inputs; all outputs use that dtype (the flags are bool).
+
+    Args:
+        logp: `(*batch)` log-probabilities of the taken tokens under the current policy.
+        old_logp: `(*batch)` log-probabilities under the behaviour policy.
+        advantages: the advantage of each token, with the shape of `logp` or a leading part of it
+            (e.g. `(packed,)` against `(packed, token)`), broadcast along the trailing axes.
+        clip_low: $\varepsilon_{low}$ in `[0, 1]`.
+        clip_high: $\varepsilon_{high} \ge 0$.
+        dual_clip: the dual-clip constant $c > 1$, or None to disable it.
+        log_ratio_clamp: $\kappa > 0$, the clamp on the log ratio before `exp` (verl: 20).
+
+    Returns:
+        A `SurrogateOutput` of per-token tensors, each of the shape of `logp`.
+
+    Raises:
+        TypeError: if an input is not a floating tensor.
+        ValueError: if shapes do not match, `clip_low` is outside `[0, 1]`, `clip_high < 0`,
+            `dual_clip <= 1` or `log_ratio_clamp <= 0`.
+
+    Examples:
+        >>> import torch
+        >>> logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))
+        >>> out = clipped_surrogate(logp, torch.zeros(1, 3), torch.tensor([1.0]))
+        >>> out.loss, out.clipped_high
+        (tensor([[-1.2800, -0.5000, -1.0000]]), tensor([[ True, False, False]]))
+    """
+    check_tensor(logp, "logp", dtypes="float")
+    check_tensor(old_logp, "old_logp", dtypes="float")
+    check_tensor(advantages, "advantages", dtypes="float")
+    check_same_shape(old_logp, "old_logp", logp, "logp")
+    check_same_device(old_logp, "old_logp", logp, "logp")
+    check_same_device(advantages, "advantages", logp, "logp")
+    clip_low, clip_high, dual_clip, log_ratio_clamp = check_clip_args(
+        clip_low, clip_high, dual_clip, log_ratio_clamp
+    )
+    adv = broadcast_advantages(advantages, logp)
+    dtype = compute_dtype(torch.promote_types(logp.dtype, advantages.dtype))
+    return surrogate(
+        logp.to(dtype),
+        old_logp.to(dtype),
+        adv.to(dtype),
+        clip_low,
+        clip_high,
+        dual_clip,
+        log_ratio_clamp,
+    )
+
+
+def surrogate(
+    logp: Tensor,
+    old_logp: Tensor,
+    adv: Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    log_ratio_clamp: float,
+) -> SurrogateOutput:
+    log_ratio = torch.clamp(logp - old_logp, -log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(loss_unclipped, loss_clipped)
+    clip_active = loss_clipped > loss_unclipped
+    negative = adv < 0
+    clipped_low = clip_active & negative
+    clipped_high = clip_active & (adv > 0)
+    if dual_clip is None:
+        dual_clipped = torch.zeros_like(clip_active)
+    else:
+        floor = -adv * dual_clip
+        dual_clipped = negative & (loss > floor)
+        loss = torch.where(negative, torch.minimum(loss, floor), loss)
+    shape = torch.broadcast_shapes(loss.shape, logp.shape)
+    return SurrogateOutput(
+        loss.expand(shape),
+        ratio.expand(shape),
+        clipped_low.expand(shape),
+        clipped_high.expand(shape),
+        dual_clipped.expand(shape),
+    )
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, kl_type: str) -> Tensor:
+    """Per-token KL(pi || pi_ref) estimate (Schulman's k1/k2/k3)."""
+    if kl_type == "k1":
+        return logp - ref_logp
+    if kl_type == "k2":
+        return 0.5 * (logp - ref_logp).square()
+    log_ratio = torch.clamp(ref_logp - logp, -20.0, 20.0)
+    return torch.clamp(torch.exp(log_ratio) - log_ratio - 1.0, -10.0, 10.0)
+
+
