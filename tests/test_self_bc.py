@@ -176,7 +176,7 @@ def test_buffer_errors():
     with pytest.raises(ValueError, match="`batch` tensors must share the leading traj size"):
         buf.add_batch({"a": torch.zeros(2, 1), "b": torch.zeros(3, 1)}, success=[1, 1], steps=[1, 1])
     with pytest.raises(ValueError, match=r"`success` must have shape \(2,\)"):
-        buf.add_batch({"a": torch.zeros(2, 1)}, success=torch.ones(3), steps=[1, 1])
+        buf.add_batch({"a": torch.zeros(2, 1)}, success=torch.ones(3, dtype=torch.bool), steps=[1, 1])
     with pytest.raises(ValueError, match="`state` is missing keys"):
         buf.load_state_dict({"entries": []})
     big = SuccessBuffer(5)

@@ -269,7 +269,9 @@ def check_finite_nonnegative(
 
 
 def check_bool(value: Any, name: str) -> bool:
-    """Check that ``value`` is a Python bool (not an int or a tensor); return it."""
+    """Check that ``value`` is a Python bool (or a 0-d bool tensor); return it as bool."""
+    if isinstance(value, Tensor) and value.ndim == 0 and value.dtype == torch.bool:
+        return bool(value)
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}.")
     return value

@@ -26,6 +26,7 @@ from chunkmask._checks import (
     check_same_shape,
     check_tensor,
     resolve_mask,
+    values_checkable,
 )
 from chunkmask.aggregation import compute_dtype
 
@@ -174,6 +175,7 @@ def chunk_rewards(
     mask: Bool[Tensor, "*batch step"] | None = None,
     *,
     gamma: float = 0.99,
+    validate_args: bool = False,
 ) -> Float[Tensor, "*batch"]:
     r"""Turn the step rewards of each chunk into one chunk reward, discounted within the chunk.
 
@@ -193,6 +195,8 @@ def chunk_rewards(
         mask: `(*batch, H)` bool, True for steps that were executed. Masked steps may hold
             anything, NaN included. Defaults to all True.
         gamma: per-step discount in `[0, 1]`.
+        validate_args: check that the executed steps' rewards are finite on accelerators too
+            (one sync); on the CPU in eager mode the check always runs.
 
     Returns:
         `(*batch,)` chunk rewards, float32 (float64 for float64 input).
@@ -213,6 +217,8 @@ def chunk_rewards(
     check_min_ndim(rewards, "rewards", 1)
     mask = resolve_mask(mask, "mask", rewards, "rewards")
     gamma = check_range(gamma, "gamma", low=0.0, high=1.0)
+    if values_checkable(rewards, validate_args):
+        check_finite(rewards, "rewards", where=mask)
     dtype = compute_dtype(rewards.dtype)
     steps = rewards.shape[-1]
     discounts = gamma ** torch.arange(steps, device=rewards.device, dtype=torch.float64)
@@ -424,6 +430,7 @@ def whiten_advantages(
     *,
     shift_mean: bool = True,
     eps: float = 1e-8,
+    validate_args: bool = False,
 ) -> Float[Tensor, "*batch"]:
     r"""Normalise advantages to zero mean and unit variance over the masked entries.
 
@@ -441,7 +448,9 @@ def whiten_advantages(
         advantages: advantages of any shape.
         mask: bool of the same shape, True for entries that count. Defaults to all True.
         shift_mean: subtract the mean (True) or only rescale (False).
-        eps: added to the variance.
+        eps: added to the variance, `>= 0`.
+        validate_args: check that the valid advantages are finite on accelerators too (one
+            sync); on the CPU in eager mode the check always runs.
 
     Returns:
         Whitened advantages, same shape and dtype as `advantages` (statistics in float32 or
@@ -460,6 +469,8 @@ def whiten_advantages(
     check_tensor(advantages, "advantages", dtypes="float")
     mask = resolve_mask(mask, "mask", advantages, "advantages")
     eps = check_range(eps, "eps", low=0.0)
+    if values_checkable(advantages, validate_args):
+        check_finite(advantages, "advantages", where=mask)
     dtype = compute_dtype(advantages.dtype)
     a = torch.where(mask, advantages.to(dtype), 0)
     count = mask.sum().to(dtype)

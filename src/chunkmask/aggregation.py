@@ -21,8 +21,10 @@ from jaxtyping import Bool, Float, Int, Int64, Real
 from torch import Tensor
 
 from chunkmask._checks import (
+    check_finite,
     check_nonnegative,
     check_option,
+    check_packed_rows,
     check_positive_int,
     check_real,
     check_same_device,
@@ -194,8 +196,17 @@ def aggregate_loss(
                 "`global_batch_size` (the global number of non-empty sequences) is required when "
                 f"`dp_size` > 1 in {mode} mode, got None with dp_size={dp_size}."
             )
+    if values_checkable(loss, validate_args):
+        check_finite(loss, "loss", where=mask)
     dtype = compute_dtype(loss.dtype)
     rows = loss.shape[0]
+    ref = loss.new_zeros((), dtype=dtype)
+    given = {
+        "batch_num_tokens": batch_num_tokens,
+        "global_batch_size": global_batch_size,
+        "loss_scale_factor": loss_scale_factor,
+    }
+    norms = {k: None if v is None else _normalizer(v, k, ref, validate_args) for k, v in given.items()}
     values = torch.where(mask, loss.to(dtype), 0.0)
     if weights is not None:
         check_tensor(weights, "weights", ndim=(1, 2), dtypes="float")
@@ -237,10 +248,8 @@ def aggregate_loss(
 
     present = seq_count > 0
     if mode == "token-mean":
-        den = seq_count.sum() if batch_num_tokens is None else None
-        if den is None:
-            den = _normalizer(batch_num_tokens, "batch_num_tokens", seq_sum, validate_args)
-        return safe_div(seq_sum.sum() * dp_size, den)
+        den = norms["batch_num_tokens"]
+        return safe_div(seq_sum.sum() * dp_size, seq_count.sum() if den is None else den)
     if mode == "token-sum":
         return seq_sum.sum() * dp_size
     if mode == "seq-mean-token-mean":
@@ -256,19 +265,19 @@ def aggregate_loss(
         total = torch.where(present, per_seq, 0.0).sum()
     else:
         total = torch.where(present, seq_sum, 0.0).sum()
-    if global_batch_size is None:
+    den = norms["global_batch_size"]
+    if den is None:
         den = present.sum().to(dtype)
-    else:
-        den = _normalizer(global_batch_size, "global_batch_size", seq_sum, validate_args)
     if mode == "seq-mean-token-sum-norm":
-        if loss_scale_factor is None:
+        scale = norms["loss_scale_factor"]
+        if scale is None:
             if segment is not None:
                 raise ValueError(
                     "`loss_scale_factor` is required with `segment` in seq-mean-token-sum-norm "
                     "mode (a row is not a sequence, so its length is not the horizon), got None."
                 )
-            loss_scale_factor = loss.shape[-1]
-        den = den * _normalizer(loss_scale_factor, "loss_scale_factor", seq_sum, validate_args)
+            scale = torch.tensor(float(loss.shape[-1]), dtype=dtype, device=loss.device)
+        den = den * scale
     return safe_div(total * dp_size, den)
 
 
@@ -367,6 +376,7 @@ def loss_normalizers(
         if mask is not None:
             check_tensor(mask, "mask", ndim=(1, 2), dtypes="bool")
             check_same_device(mask, "mask", selection.mask, "selection")
+            check_packed_rows(mask.shape[0], "mask", selection.mask, validate_args=False)
             tokens_per_chunk = 1 if mask.ndim == 1 else mask.shape[1]
         if estimator == "horvitz_thompson":
             per_seq = selection.num_chunks * tokens_per_chunk

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from chunkmask._checks import check_option, check_range
+from chunkmask._checks import check_option, check_positive_int, check_range
 
 __all__ = [
     "BCWeight",
@@ -53,6 +53,7 @@ class BCWeight:
     """
 
     _state_keys: tuple[str, ...] = ()
+    _state_ranges: dict[str, tuple[float, float | None]] = {}
 
     @property
     def value(self) -> float:
@@ -72,15 +73,24 @@ class BCWeight:
 
         Raises:
             TypeError: if `state` is not a dict.
-            ValueError: if a key is missing.
+            ValueError: if a key is missing or a value is out of range or not finite (`steps` must
+                be an int >= 0).
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"`state` must be a dict, got {type(state).__name__}.")
         missing = set(self._state_keys) - set(state)
         if missing:
             raise ValueError(f"`state` is missing keys {sorted(missing)}.")
+        values = {}
         for k in self._state_keys:
-            setattr(self, k, state[k])
+            name = f"state[{k!r}]"
+            if k == "steps":
+                values[k] = check_positive_int(state[k], name, allow_zero=True)
+            else:
+                low, high = self._state_ranges.get(k, (0.0, None))
+                values[k] = check_range(state[k], name, low=low, high=high)
+        for k, v in values.items():
+            setattr(self, k, v)
 
     @staticmethod
     def _need(stats: Mapping[str, Any], name: str, rule: str) -> float:
@@ -144,6 +154,7 @@ class SuccessRateBCWeight(BCWeight):
     """
 
     _state_keys = ("average", "steps")
+    _state_ranges = {"average": (0.0, 1.0)}
 
     def __init__(
         self,
@@ -323,8 +334,10 @@ class ProductBCWeight(BCWeight):
         Raises:
             ValueError: if the number of rule states differs.
         """
-        if not isinstance(state, Mapping) or "rules" not in state:
-            raise ValueError("`state` must be a dict with key 'rules'.")
+        if not isinstance(state, Mapping):
+            raise TypeError(f"`state` must be a dict, got {type(state).__name__}.")
+        if "rules" not in state:
+            raise ValueError(f"`state` is missing keys ['rules'], got keys {sorted(state)}.")
         if len(state["rules"]) != len(self.rules):
             raise ValueError(
                 f"`state['rules']` must hold {len(self.rules)} states, got {len(state['rules'])}."

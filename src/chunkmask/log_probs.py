@@ -4,7 +4,14 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from chunkmask._checks import check_min_ndim, check_positive_int, check_tensor, resolve_mask
+from chunkmask._checks import (
+    check_finite,
+    check_min_ndim,
+    check_positive_int,
+    check_tensor,
+    resolve_mask,
+    values_checkable,
+)
 
 __all__ = ["chunk_log_prob"]
 
@@ -14,6 +21,7 @@ def chunk_log_prob(
     mask: Bool[Tensor, "*batch"] | None = None,
     *,
     event_dims: int = 1,
+    validate_args: bool = False,
 ) -> Float[Tensor, "*lead"]:
     r"""Sum per-step, per-dim (or per-token) log-probabilities into one log-probability per chunk.
 
@@ -32,6 +40,8 @@ def chunk_log_prob(
         logp: `(*lead, *event)` log-probabilities; the last `event_dims` axes are summed.
         mask: bool of the same shape, True for entries that count. Defaults to all True.
         event_dims: how many trailing axes form one chunk (1 for tokens, 2 for steps x dims).
+        validate_args: check that the counted entries are finite on accelerators too (one
+            sync); on the CPU in eager mode the check always runs.
 
     Returns:
         `(*lead,)` chunk log-probabilities in the dtype of `logp` (float32 for bfloat16/half).
@@ -54,6 +64,8 @@ def chunk_log_prob(
     event_dims = check_positive_int(event_dims, "event_dims")
     check_min_ndim(logp, "logp", event_dims)
     mask = resolve_mask(mask, "mask", logp, "logp")
+    if values_checkable(logp, validate_args):
+        check_finite(logp, "logp", where=mask)
     dtype = torch.promote_types(logp.dtype, torch.float32)
     safe = torch.where(mask, logp.to(dtype), 0)
     return safe.sum(dim=tuple(range(-event_dims, 0)))

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from chunkmask._checks import check_positive_int, check_tensor
+from chunkmask._checks import check_bool, check_positive_int, check_tensor
 
 __all__ = ["AdmitSuccessful", "EntryInfo", "EvictOldest", "EvictSlowest", "SuccessBuffer"]
 
@@ -36,6 +36,42 @@ class EntryInfo(NamedTuple):
     steps: int
     task: Hashable
     added: int
+
+
+def _check_task(task: Any, name: str) -> Hashable:
+    """A task id: an int, a string or any hashable that is not a tensor (0-d int tensors -> int)."""
+    if isinstance(task, Tensor):
+        if task.ndim == 0 and not task.dtype.is_floating_point and task.dtype != torch.bool:
+            return int(task)
+        raise TypeError(f"`{name}` must be a hashable id (int, str), got a tensor of shape "
+                        f"{tuple(task.shape)} and dtype {task.dtype}.")
+    if task is None or isinstance(task, float) or not isinstance(task, Hashable):
+        raise TypeError(f"`{name}` must be a hashable id (int, str), got {type(task).__name__} "
+                        f"{task!r}.")
+    return task
+
+
+def _check_entry_info(value: Any, name: str) -> EntryInfo:
+    """Check an `EntryInfo` (or a tuple of its four fields); return it as an `EntryInfo`."""
+    if not isinstance(value, tuple) or len(value) != 4:
+        raise TypeError(f"`{name}` must be an EntryInfo (success, steps, task, added), got "
+                        f"{type(value).__name__} {value!r}.")
+    success, steps, task, added = value
+    return EntryInfo(
+        check_bool(success, f"{name}.success"),
+        check_positive_int(steps, f"{name}.steps", allow_zero=True),
+        _check_task(task, f"{name}.task"),
+        check_positive_int(added, f"{name}.added", allow_zero=True),
+    )
+
+
+def _check_policy_call(candidate: Any, entries: Any) -> None:
+    """The arguments a buffer passes to its policies, checked when a user calls one directly."""
+    _check_entry_info(candidate, "candidate")
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
+        raise TypeError(f"`entries` must be a sequence of EntryInfo, got {type(entries).__name__}.")
+    for i, e in enumerate(entries):
+        _check_entry_info(e, f"entries[{i}]")
 
 
 AdmissionPolicy = Callable[[EntryInfo, Sequence[EntryInfo], int], bool]
@@ -62,6 +98,7 @@ class AdmitSuccessful:
 
     def __call__(self, candidate: EntryInfo, entries: Sequence[EntryInfo], capacity: int) -> bool:
         """Return whether `candidate` may enter."""
+        _check_policy_call(candidate, entries)
         if not candidate.success:
             return False
         return self.max_steps is None or candidate.steps <= self.max_steps
@@ -104,6 +141,7 @@ class EvictSlowest:
 
     def __call__(self, candidate: EntryInfo, entries: Sequence[EntryInfo]) -> int | None:
         """Return the index of the entry to evict, or None to reject `candidate`."""
+        _check_policy_call(candidate, entries)
         if not entries:
             return None
         if self.max_age is not None:
@@ -148,6 +186,7 @@ class EvictOldest:
 
     def __call__(self, candidate: EntryInfo, entries: Sequence[EntryInfo]) -> int | None:
         """Return the index of the oldest entry."""
+        _check_policy_call(candidate, entries)
         if not entries:
             return None
         return min(range(len(entries)), key=lambda i: entries[i].added)
@@ -266,8 +305,12 @@ class SuccessBuffer:
                 is negative.
         """
         entry = self._check_entry(trajectory)
-        steps = check_positive_int(int(steps), "steps", allow_zero=True)
-        candidate = EntryInfo(bool(success), steps, task, self._counter)
+        candidate = EntryInfo(
+            check_bool(success, "success"),
+            check_positive_int(steps, "steps", allow_zero=True),
+            _check_task(task, "task"),
+            self._counter,
+        )
         self._counter += 1
         if not self.admission(candidate, self.info, self.capacity):
             return False
@@ -278,7 +321,11 @@ class SuccessBuffer:
             victim = self.eviction(candidate, self.info)
             if victim is None:
                 return False
-            if not 0 <= int(victim) < len(self._entries):
+            if isinstance(victim, bool) or not isinstance(victim, int):
+                raise TypeError(
+                    f"`eviction` must return an int index or None, got {type(victim).__name__}."
+                )
+            if not 0 <= victim < len(self._entries):
                 raise ValueError(
                     f"`eviction` must return an index in [0, {len(self._entries)}) or None, "
                     f"got {victim}."
@@ -325,9 +372,17 @@ class SuccessBuffer:
                 f"`batch` tensors must share the leading traj size, got sizes {sorted(sizes)}."
             )
         n = sizes.pop()
-        success_l = [bool(s) for s in _as_int_list(success, "success", n)]
-        steps_l = [int(s) for s in _as_int_list(steps, "steps", n)]
-        task_l = [0] * n if task is None else _as_int_list(task, "task", n)
+        if isinstance(success, Tensor):
+            check_tensor(success, "success", ndim=1, dtypes="bool")
+        if isinstance(steps, Tensor):
+            check_tensor(steps, "steps", ndim=1, dtypes="int")
+        success_l = [check_bool(s, f"success[{i}]")
+                     for i, s in enumerate(_as_int_list(success, "success", n))]
+        steps_l = [check_positive_int(s, f"steps[{i}]", allow_zero=True)
+                   for i, s in enumerate(_as_int_list(steps, "steps", n))]
+        task_l = [0] * n if task is None else [
+            _check_task(t, f"task[{i}]") for i, t in enumerate(_as_int_list(task, "task", n))
+        ]
         return [
             self.add({k: v[i] for k, v in batch.items()}, steps=steps_l[i], success=success_l[i],
                      task=task_l[i])
@@ -349,11 +404,14 @@ class SuccessBuffer:
 
     def gather(self, indices: Int[Tensor, " batch"] | Sequence[int]) -> dict[str, Tensor]:
         """Stack the entries at `indices` into a dict of `(batch, ...)` tensors."""
+        if isinstance(indices, Tensor):
+            check_tensor(indices, "indices", ndim=1, dtypes="int")
         idx = indices.tolist() if isinstance(indices, Tensor) else list(indices)
         if not idx:
             raise ValueError("`indices` must not be empty.")
         for i in idx:
-            if not 0 <= i < len(self._entries):
+            check_positive_int(i, "indices", allow_zero=True)
+            if not i < len(self._entries):
                 raise ValueError(f"`indices` must lie in [0, {len(self._entries)}), got {i}.")
         keys = self._entries[0].keys()
         return {k: torch.stack([self._entries[i][k] for i in idx]) for k in keys}
@@ -408,13 +466,25 @@ class SuccessBuffer:
             raise ValueError(
                 f"`state` holds {len(entries)} entries, more than `capacity` {self.capacity}."
             )
-        self.clear()
-        for entry, meta in zip(entries, info, strict=True):
-            self._entries.append(self._check_entry(entry))
-            self._info.append(EntryInfo(*meta))
-            if self._spec is None:
-                self._spec = {k: (tuple(v.shape), v.dtype) for k, v in entry.items()}
-        self._counter = int(state["counter"])
+        metas = [_check_entry_info(m, f"state['info'][{i}]") for i, m in enumerate(info)]
+        counter = check_positive_int(state["counter"], "state['counter']", allow_zero=True)
+        newest = max((m.added for m in metas), default=-1)
+        if counter <= newest:
+            raise ValueError(
+                f"`state['counter']` must exceed every entry's `added` ({newest}), got {counter}."
+            )
+        held = (self._entries, self._info, self._spec)
+        self._entries, self._info, self._spec = [], [], None
+        try:
+            for entry, meta in zip(entries, metas, strict=True):
+                self._entries.append(self._check_entry(entry))
+                self._info.append(meta)
+                if self._spec is None:
+                    self._spec = {k: (tuple(v.shape), v.dtype) for k, v in entry.items()}
+        except (TypeError, ValueError):
+            self._entries, self._info, self._spec = held  # a refused state changes nothing
+            raise
+        self._counter = counter
 
     def __repr__(self) -> str:
         return (

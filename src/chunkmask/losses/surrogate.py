@@ -6,7 +6,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from chunkmask._checks import check_range, check_same_device, check_same_shape, check_tensor
+from chunkmask._checks import (
+    check_finite,
+    check_range,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+    values_checkable,
+)
 from chunkmask.aggregation import compute_dtype
 
 __all__ = ["KL_TYPES", "SurrogateOutput", "clipped_surrogate"]
@@ -51,7 +58,7 @@ def broadcast_advantages(
     advantages: Tensor, ref: Tensor, name: str = "advantages", ref_name: str = "logp"
 ) -> Tensor:
     """Append singleton axes so `advantages` (a leading-prefix shape of `ref`) broadcasts."""
-    if advantages.ndim > ref.ndim or advantages.shape != ref.shape[: advantages.ndim]:
+    if not 1 <= advantages.ndim <= ref.ndim or advantages.shape != ref.shape[: advantages.ndim]:
         raise ValueError(
             f"`{name}` must have the shape of `{ref_name}` {tuple(ref.shape)} or a leading part "
             "of it, "
@@ -69,6 +76,7 @@ def clipped_surrogate(
     clip_high: float = 0.28,
     dual_clip: float | None = None,
     log_ratio_clamp: float = 20.0,
+    validate_args: bool = False,
 ) -> SurrogateOutput:
     r"""Compute the per-token clipped surrogate loss with clip-higher and optional dual clip.
 
@@ -101,6 +109,8 @@ def clipped_surrogate(
         clip_high: $\varepsilon_{high} \ge 0$.
         dual_clip: the dual-clip constant $c > 1$, or None to disable it.
         log_ratio_clamp: $\kappa > 0$, the clamp on the log ratio before `exp` (verl: 20).
+        validate_args: check that the inputs are finite on accelerators too (one sync); on the
+            CPU in eager mode the check always runs.
 
     Returns:
         A `SurrogateOutput` of per-token tensors, each of the shape of `logp`.
@@ -108,7 +118,7 @@ def clipped_surrogate(
     Raises:
         TypeError: if an input is not a floating tensor.
         ValueError: if shapes do not match, `clip_low` is outside `[0, 1]`, `clip_high < 0`,
-            `dual_clip <= 1` or `log_ratio_clamp <= 0`.
+            `dual_clip <= 1`, `log_ratio_clamp <= 0`, or an input holds NaN/Inf.
 
     Examples:
         >>> import torch
@@ -127,6 +137,9 @@ def clipped_surrogate(
         clip_low, clip_high, dual_clip, log_ratio_clamp
     )
     adv = broadcast_advantages(advantages, logp)
+    if values_checkable(logp, validate_args):
+        for value, name in ((logp, "logp"), (old_logp, "old_logp"), (advantages, "advantages")):
+            check_finite(value, name)
     dtype = compute_dtype(torch.promote_types(logp.dtype, advantages.dtype))
     return surrogate(
         logp.to(dtype),
