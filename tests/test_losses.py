@@ -925,3 +925,33 @@ def test_masked_grpo_loss_errors(change, error, match):
 def test_clipped_surrogate_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         unchecked(clipped_surrogate)(**kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dp_size", [1, 4])
+def test_without_selection_rows_are_verls_sequences(mode, dp_size):
+    """`selection=None`: each (rows, token) row is a sequence, verl's own layout, dp_size included."""
+    g = torch.Generator().manual_seed(21 + dp_size)
+    traj, length = 6, 10
+    logp = (-torch.rand(traj, length, generator=g, dtype=F64)).requires_grad_(True)
+    old = logp.detach() + 0.8 * torch.randn(traj, length, generator=g, dtype=F64)
+    adv = torch.randn(traj, generator=g, dtype=F64)
+    mask = torch.rand(traj, length, generator=g) < 0.7
+    mask[2] = False  # an empty row: left out of the seq modes by both
+    norms = dict(batch_num_tokens=3 * int(mask.sum()), global_batch_size=17, loss_scale_factor=32)
+    if dp_size == 1:
+        norms = {}
+    out = masked_grpo_loss(
+        logp, old, adv, None, mask, loss_agg_mode=mode, dual_clip=3.0, dp_size=dp_size, **norms
+    )
+    adv_rows = adv[:, None].expand(traj, length)
+    pessimistic = torch.maximum(
+        -adv_rows * torch.exp(logp - old),
+        -adv_rows * torch.exp(logp - old).clamp(0.8, 1.28),
+    )
+    per_token = torch.where(adv_rows < 0, torch.minimum(pessimistic, -adv_rows * 3.0), pessimistic)
+    want = verl.agg_loss(per_token, mask, mode, dp_size, **norms)
+    torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=1e-9)
+    (ours,) = torch.autograd.grad(out.loss, logp)
+    (theirs,) = torch.autograd.grad(want, logp)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
