@@ -15,8 +15,14 @@ from chunkmask.bc_weights import (
 from chunkmask.log_probs import chunk_log_prob
 from chunkmask.losses import bc_loss
 from chunkmask.selection import Selection
-from chunkmask.success_buffer import AdmitSuccessful, EntryInfo, EvictOldest, EvictSlowest, SuccessBuffer
 from chunkmask.shrinking import shrink
+from chunkmask.success_buffer import (
+    AdmitSuccessful,
+    EntryInfo,
+    EvictOldest,
+    EvictSlowest,
+    SuccessBuffer,
+)
 
 F64 = torch.float64
 

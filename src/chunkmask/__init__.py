@@ -35,6 +35,7 @@ from chunkmask.diagnostics import (
     phase_shares,
     selector_statistics,
 )
+from chunkmask.dynamic_sampling import dynamic_sampling_mask
 from chunkmask.log_probs import chunk_log_prob
 from chunkmask.losses import (
     PolicyLossOutput,
@@ -72,6 +73,15 @@ from chunkmask.sampling import (
 from chunkmask.scores import PhaseScoreBuffer, PhaseVariance, success_failure_variance
 from chunkmask.selection import Selection
 from chunkmask.shrinking import shrink, unshrink
+from chunkmask.stats import (
+    BinomialInterval,
+    EquivalenceTest,
+    PairedDifference,
+    binomial_interval,
+    equivalence_test,
+    paired_difference,
+    pairs_for_halfwidth,
+)
 from chunkmask.success_buffer import (
     AdmitSuccessful,
     EntryInfo,
@@ -86,11 +96,13 @@ __all__ = [
     "AGGREGATION_MODES",
     "AdmitSuccessful",
     "BCWeight",
+    "BinomialInterval",
     "BudgetSuggestion",
     "ChunkGAEOutput",
     "ConstantBCWeight",
     "CudaPeakMemory",
     "EntryInfo",
+    "EquivalenceTest",
     "EvictOldest",
     "EvictSlowest",
     "FlopCount",
@@ -99,6 +111,7 @@ __all__ = [
     "LossNormalizers",
     "MaskerInfo",
     "NUM_PHASES",
+    "PairedDifference",
     "Phase",
     "PhaseScoreBuffer",
     "PhaseShares",
@@ -116,12 +129,15 @@ __all__ = [
     "__version__",
     "aggregate_loss",
     "bc_loss",
+    "binomial_interval",
     "chunk_gae",
     "chunk_log_prob",
     "chunk_rewards",
     "chunked_ppo_loss",
     "clipped_surrogate",
     "count_flops",
+    "dynamic_sampling_mask",
+    "equivalence_test",
     "gradient_cosine",
     "gripper_close_fraction",
     "group_relative_advantages",
@@ -133,6 +149,8 @@ __all__ = [
     "masked_grpo_loss",
     "neyman_allocation",
     "neyman_allocation_continuous",
+    "paired_difference",
+    "pairs_for_halfwidth",
     "phase_shares",
     "plackett_luce_sample",
     "selector_statistics",
