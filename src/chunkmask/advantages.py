@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 
-def _dense_group_ids(group: Tensor) -> Tensor:
+def dense_group_ids(group: Tensor) -> Tensor:
     """Map arbitrary integer labels to dense ids in `[0, traj)`, without a host sync.
 
     Labels are ranked in ascending order (equal labels share an id). Unlike
@@ -142,7 +142,7 @@ def group_relative_advantages(
     keep = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid
     # Sanitise before any arithmetic so that NaN/Inf in excluded rewards cannot leak.
     r = torch.where(keep, rewards.to(torch.float64), 0.0)
-    gid = _dense_group_ids(group)
+    gid = dense_group_ids(group)
     zeros = torch.zeros(n, dtype=torch.float64, device=rewards.device)
     count = zeros.index_add(0, gid, keep.to(torch.float64))
     total = zeros.index_add(0, gid, r)
