@@ -38,11 +38,14 @@ from chunkmask.diagnostics import (
 from chunkmask.dynamic_sampling import dynamic_sampling_mask
 from chunkmask.log_probs import chunk_log_prob
 from chunkmask.losses import (
+    DecoupledPPOLossOutput,
     PolicyLossOutput,
     SurrogateOutput,
     bc_loss,
     chunked_ppo_loss,
     clipped_surrogate,
+    decoupled_ppo_loss,
+    interpolate_proximal_logp,
     masked_grpo_loss,
     value_loss,
 )
@@ -73,6 +76,7 @@ from chunkmask.sampling import (
 from chunkmask.scores import PhaseScoreBuffer, PhaseVariance, success_failure_variance
 from chunkmask.selection import Selection
 from chunkmask.shrinking import shrink, unshrink
+from chunkmask.staleness import StalenessGate, staleness, staleness_filter
 from chunkmask.stats import (
     BinomialInterval,
     EquivalenceTest,
@@ -101,6 +105,7 @@ __all__ = [
     "ChunkGAEOutput",
     "ConstantBCWeight",
     "CudaPeakMemory",
+    "DecoupledPPOLossOutput",
     "EntryInfo",
     "EquivalenceTest",
     "EvictOldest",
@@ -122,6 +127,7 @@ __all__ = [
     "SavedTensorCounter",
     "Selection",
     "SelectorStatistics",
+    "StalenessGate",
     "SuccessBuffer",
     "SuccessRateBCWeight",
     "SurrogateOutput",
@@ -136,12 +142,14 @@ __all__ = [
     "chunked_ppo_loss",
     "clipped_surrogate",
     "count_flops",
+    "decoupled_ppo_loss",
     "dynamic_sampling_mask",
     "equivalence_test",
     "gradient_cosine",
     "gripper_close_fraction",
     "group_relative_advantages",
     "inclusion_probabilities",
+    "interpolate_proximal_logp",
     "keep_probabilities",
     "label_gripper_phases",
     "label_time_segments",
@@ -155,6 +163,8 @@ __all__ = [
     "plackett_luce_sample",
     "selector_statistics",
     "shrink",
+    "staleness",
+    "staleness_filter",
     "stratified_sample",
     "success_failure_variance",
     "suggest_budget",

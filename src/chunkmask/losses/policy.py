@@ -104,11 +104,18 @@ def _policy_loss(
     global_batch_size: Normalizer | None,
     loss_scale_factor: Normalizer | None,
     validate_args: bool,
+    token_weights: Tensor | None = None,
+    old_name: str = "old_logp",
 ) -> PolicyLossOutput:
-    for value, name in ((logp, "logp"), (old_logp, "old_logp")):
+    """The computation every clipped policy loss shares.
+
+    `token_weights` (checked by the caller, the shape of `logp`, detached) multiply the surrogate
+    only; `old_name` is the name the caller gave the anchor log-probabilities.
+    """
+    for value, name in ((logp, "logp"), (old_logp, old_name)):
         check_tensor(value, name, dtypes="float")
-    check_same_shape(old_logp, "old_logp", logp, "logp")
-    check_same_device(old_logp, "old_logp", logp, "logp")
+    check_same_shape(old_logp, old_name, logp, "logp")
+    check_same_device(old_logp, old_name, logp, "logp")
     check_tensor(advantages, "advantages", dtypes="float")
     check_same_device(advantages, "advantages", logp, "logp")
     layout = resolve_layout(logp, "logp", selection, mask, validate_args)
@@ -150,7 +157,7 @@ def _policy_loss(
     if values_checkable(logp, validate_args):
         for value, name in (
             (logp, "logp"),
-            (old_logp, "old_logp"),
+            (old_logp, old_name),
             (entropy, "entropy"),
             (ref_logp, "ref_logp"),
         ):
@@ -190,7 +197,10 @@ def _policy_loss(
     elif loss_scale_factor is None:
         loss_scale_factor = layout.horizon
 
-    def agg(values: Tensor) -> Tensor:
+    def agg(values: Tensor, extra: Tensor | None = None) -> Tensor:
+        w = weights
+        if extra is not None:
+            w = extra if w is None else w[:, None] * extra
         return aggregate_loss(
             values,
             rows_mask,
@@ -201,13 +211,14 @@ def _policy_loss(
             loss_scale_factor=loss_scale_factor,
             segment=layout.segment,
             num_segments=layout.num_segments,
-            weights=weights,
+            weights=w,
             seq_num_tokens=seq_num_tokens if loss_agg_mode == "seq-mean-token-mean" else None,
             validate_args=validate_args,
         )
 
     zero = lp.new_zeros(())
-    policy_loss = agg(out.loss)
+    extra = None if token_weights is None else clean(token_weights)
+    policy_loss = agg(out.loss, extra)
     entropy_loss = zero if entropy is None else agg(clean(entropy))
     kl_loss = zero if ref_logp is None else agg(kl_estimate(lp, clean(ref_logp), kl_type))
     total = policy_loss - entropy_coef * entropy_loss + kl_coef * kl_loss
