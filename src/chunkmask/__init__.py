@@ -65,6 +65,7 @@ from chunkmask.profiling import (
     count_flops,
     time_function,
 )
+from chunkmask.rollout_downsampling import max_variance_downsample
 from chunkmask.sampling import (
     inclusion_probabilities,
     plackett_luce_sample,
@@ -93,6 +94,7 @@ from chunkmask.success_buffer import (
     EvictSlowest,
     SuccessBuffer,
 )
+from chunkmask.token_selection import high_entropy_token_mask
 
 __version__ = "0.1.0"
 
@@ -148,6 +150,7 @@ __all__ = [
     "gradient_cosine",
     "gripper_close_fraction",
     "group_relative_advantages",
+    "high_entropy_token_mask",
     "inclusion_probabilities",
     "interpolate_proximal_logp",
     "keep_probabilities",
@@ -155,6 +158,7 @@ __all__ = [
     "label_time_segments",
     "loss_normalizers",
     "masked_grpo_loss",
+    "max_variance_downsample",
     "neyman_allocation",
     "neyman_allocation_continuous",
     "paired_difference",
