@@ -37,28 +37,28 @@ def score_batches(draw):
 
 @settings(deadline=None, max_examples=60)
 @given(score_batches(), st.sampled_from([0.05, 0.1, 0.5, 1.0]), st.sampled_from([0.5, 1.0, 2.0]))
-def test_keep_probabilities_match_reference(batch, floor, power):
+def test_keep_probabilities_match_reference(batch, p_min, power):
     scores, defined = batch
     # Undefined entries may hold garbage.
     garbage = torch.where(defined, scores, torch.tensor(math.nan, dtype=torch.float64))
-    p = keep_probabilities(garbage, defined, floor=floor, power=power)
+    p = keep_probabilities(garbage, defined, p_min=p_min, power=power)
     assert p.dtype == torch.float64
     want = torch.tensor(
         [
-            keep_probabilities_reference(s.tolist(), d.tolist(), floor, power)
+            keep_probabilities_reference(s.tolist(), d.tolist(), p_min, power)
             for s, d in zip(scores, defined, strict=True)
         ],
         dtype=torch.float64,
     )
     torch.testing.assert_close(p, want, rtol=1e-12, atol=0)
-    assert ((p >= floor - 1e-12) & (p <= 1)).all()
+    assert ((p >= p_min - 1e-12) & (p <= 1)).all()
     informative = (torch.where(defined, scores, 0.0) > 0).any(-1)
     assert (p.amax(-1)[informative] == 1).all()
     assert (p[~informative] == 1).all()
-    assert (p[informative][~defined[informative]] == floor).all()
+    assert (p[informative][~defined[informative]] == p_min).all()
     perm = torch.randperm(scores.shape[0], generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(
-        keep_probabilities(garbage[perm], defined[perm], floor=floor, power=power), p[perm]
+        keep_probabilities(garbage[perm], defined[perm], p_min=p_min, power=power), p[perm]
     )
 
 
@@ -71,7 +71,7 @@ def test_keep_probabilities_paper_example_and_options():
     )
     defined = torch.tensor([True, True, False, True, True])
     torch.testing.assert_close(
-        keep_probabilities(scores, defined, floor=0.2), torch.tensor([0.2, 0.4, 0.2, 1.0, 0.2])
+        keep_probabilities(scores, defined, p_min=0.2), torch.tensor([0.2, 0.4, 0.2, 1.0, 0.2])
     )
     # Uniform fallbacks: nothing defined, or all defined scores zero.
     assert keep_probabilities(scores, torch.zeros(5, dtype=torch.bool)).tolist() == [1.0] * 5
@@ -95,10 +95,10 @@ def test_keep_probabilities_errors():
         keep_probabilities(torch.tensor([0.5, -1.0]))
     with pytest.raises(ValueError, match=r"`scores` must be finite and non-negative.*1 bad"):
         keep_probabilities(torch.tensor([math.nan, 1.0]))
-    with pytest.raises(ValueError, match=r"`floor` must lie in \(0.0, 1.0\], got 0.0"):
-        keep_probabilities(s, floor=0.0)
-    with pytest.raises(ValueError, match=r"`floor` must lie in \(0.0, 1.0\], got 1.5"):
-        keep_probabilities(s, floor=1.5)
+    with pytest.raises(ValueError, match=r"`p_min` must lie in \(0.0, 1.0\], got 0.0"):
+        keep_probabilities(s, p_min=0.0)
+    with pytest.raises(ValueError, match=r"`p_min` must lie in \(0.0, 1.0\], got 1.5"):
+        keep_probabilities(s, p_min=1.5)
     with pytest.raises(ValueError, match=r"`power` must be a positive finite number, got 0"):
         keep_probabilities(s, power=0)
     with pytest.raises(ValueError, match=r"`power` must be a positive finite number, got -1.0"):
@@ -244,7 +244,7 @@ def test_neyman_errors():
         neyman_allocation(-1, sizes, stds)
     with pytest.raises(ValueError, match=r"`budget` must be > 0, got 0"):
         neyman_allocation(0, sizes, stds)
-    with pytest.raises(ValueError, match=r"`budget` must be >= 0, got a minimum of -1"):
+    with pytest.raises(ValueError, match=r"`budget` must be finite and non-negative, got 1 bad value\(s\) \(first: -1\)"):
         neyman_allocation(torch.tensor([-1, 2]), sizes.expand(2, 2), stds.expand(2, 2))
     with pytest.raises(TypeError, match=r"`budget` must have an int dtype"):
         neyman_allocation(torch.tensor(2.0), sizes, stds)
@@ -252,7 +252,7 @@ def test_neyman_errors():
         neyman_allocation(2.5, sizes, stds)
     with pytest.raises(ValueError, match=r"`budget` must be a scalar or have the batch shape \(\)"):
         neyman_allocation(torch.tensor([1, 2]), sizes, stds)
-    with pytest.raises(ValueError, match=r"`sizes` must be >= 0, got a minimum of -2"):
+    with pytest.raises(ValueError, match=r"`sizes` must be finite and non-negative, got 1 bad value\(s\) \(first: -2\)"):
         neyman_allocation(2, torch.tensor([3, -2]), stds)
     with pytest.raises(ValueError, match=r"`stds` must be finite and non-negative, got 1 bad"):
         neyman_allocation(2, sizes, torch.tensor([1.0, -1.0]))
@@ -323,7 +323,7 @@ def test_suggest_budget_concave_and_degenerate_curves():
 def test_suggest_budget_errors():
     with pytest.raises(ValueError, match=r"`scores` must be finite and non-negative.*1 bad"):
         suggest_budget(torch.tensor([1.0, -1.0]))
-    with pytest.raises(ValueError, match=r"`scores` must have a positive valid score"):
+    with pytest.raises(ValueError, match=r"`scores` must have a positive score at a `valid` chunk"):
         suggest_budget(torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"`scores` must have 1 or 2 dimensions"):
         suggest_budget(torch.ones(2, 3, 4))

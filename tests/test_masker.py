@@ -156,3 +156,174 @@ def test_masker_errors():
         masker.load_state_dict(other)
     with pytest.raises(TypeError, match="`state` must be a dict"):
         masker.load_state_dict([1])
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+
+_SYNC_OPS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "is_nonzero", "equal")
+
+
+class _SyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op that reads tensor contents on the host.
+
+    `.item()`, `int(t)`, `bool(t)` all dispatch `_local_scalar_dense`; `torch.unique`, `nonzero`
+    and boolean-mask indexing have data-dependent output shapes (they sync on an accelerator).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if any(op in name for op in _SYNC_OPS):
+            self.ops.append(name)
+        if func is torch.ops.aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
+        ):
+            self.ops.append("boolean-mask index")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("global_rng", [False, True])
+def test_select_makes_no_host_sync_when_asked(global_rng):
+    batch = rollouts()
+    kwargs = {"seed": 0} if not global_rng else {}
+    masker = ProbabilisticChunkMasker(
+        budget=5, refresh_every=2, validate_args=False, global_rng=global_rng, **kwargs
+    )
+    with _SyncRecorder() as rec:
+        for _ in range(3):  # initialise, hold, refresh
+            masker.select(**batch, num_groups=3)
+    assert rec.ops == []
+    # The recorder does see the syncs of the other paths.
+    with _SyncRecorder() as rec:
+        masker.select(**batch)
+    assert "_unique2" in " ".join(rec.ops)
+    checked = ProbabilisticChunkMasker(budget=5, seed=0)
+    with _SyncRecorder() as rec:
+        checked.select(**batch, num_groups=3)
+    assert "_local_scalar_dense" in " ".join(rec.ops)
+
+
+def test_select_compiles_fullgraph_and_matches_eager():
+    # Note: dynamo captures `torch.unique` as a dynamic-shape op, so fullgraph compilation alone
+    # does not prove the absence of syncs; the dispatch recorder above does.
+    batch = rollouts()
+
+    def run(compiled):
+        torch._dynamo.reset()
+        torch.manual_seed(3)
+        masker = ProbabilisticChunkMasker(
+            budget=5, refresh_every=2, validate_args=False, global_rng=True
+        )
+
+        def step(actions, success, group, valid):
+            sel, info = masker.select(
+                actions=actions, success=success, group=group, valid=valid, num_groups=3
+            )
+            return sel.indices, sel.mask, info.keep_probabilities, info.phases
+
+        if compiled:
+            step = torch.compile(step, fullgraph=True, backend="aot_eager")
+        return [step(**batch) for _ in range(4)]
+
+    eager, compiled = run(False), run(True)
+    for a, b in zip(eager, compiled, strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y)
+
+
+def test_num_groups_equals_unique_path():
+    batch = rollouts()
+    a = ProbabilisticChunkMasker(budget=5, seed=0)
+    b = ProbabilisticChunkMasker(budget=5, seed=0)
+    for _ in range(3):
+        sa, ia = a.select(**batch)
+        sb, ib = b.select(**batch, num_groups=3)
+        assert torch.equal(sa.indices, sb.indices)
+        torch.testing.assert_close(ia.scores, ib.scores)
+    with pytest.raises(ValueError, match=r"`group` must hold ids in \[0, 2\) \(`num_groups`\)"):
+        a.select(**batch, num_groups=2)
+
+
+# ----------------------------------------------------------------------------- argument errors
+
+
+def test_phases_padding_is_pad_in_info():
+    batch = rollouts()
+    phases = torch.where(batch["valid"], 1, 77)  # caller's padding value is garbage
+    _, info = ProbabilisticChunkMasker(budget=4, seed=0).select(**batch, phases=phases)
+    assert (info.phases[~batch["valid"]] == int(Phase.PAD)).all()
+    assert (info.phases[batch["valid"]] == 1).all()
+    assert info.phases.dtype == torch.int64
+
+
+def test_errors_name_the_argument_the_user_passed():
+    batch = rollouts()
+    actions = batch["actions"].clone()
+    actions[0, 0, 0, 0] = float("nan")
+    masker = ProbabilisticChunkMasker(budget=4, seed=0)
+    with pytest.raises(ValueError, match=r"`actions` must be finite"):
+        masker.select(**{**batch, "actions": actions})
+    with pytest.raises(ValueError, match=r"`phases` must have shape \(12, 16\) \(the first two sizes of `actions`\)"):
+        masker.select(**batch, phases=torch.zeros(12, 15, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"`close_threshold` must be finite, got nan"):
+        ProbabilisticChunkMasker(budget=4, close_threshold=float("nan"))
+    with pytest.raises(ValueError, match=r"`close_threshold` must be given"):
+        ProbabilisticChunkMasker(budget=4, close="threshold")
+    for seed in (1.5, 2.0, True):
+        with pytest.raises(TypeError, match=r"`seed` must be an int"):
+            ProbabilisticChunkMasker(budget=4, seed=seed)
+    with pytest.raises(ValueError, match=r"`seed` must be >= 0, got -1"):
+        ProbabilisticChunkMasker(budget=4, seed=-1)
+    with pytest.raises(TypeError, match=r"`inclusion` must be a bool"):
+        ProbabilisticChunkMasker(budget=4, inclusion="yes")
+    with pytest.raises(ValueError, match=r"`generator` must be None when `global_rng=True`"):
+        ProbabilisticChunkMasker(budget=4, global_rng=True, generator=torch.Generator())
+    with pytest.raises(TypeError, match=r"`process_group` must be a torch.distributed.ProcessGroup"):
+        ProbabilisticChunkMasker(budget=4, process_group="world")
+    with pytest.raises(TypeError, match=r"`labeler\(gripper, valid\)` must have an int dtype"):
+        ProbabilisticChunkMasker(budget=4, labeler=lambda g, v: g).select(**batch)
+
+
+def test_load_state_dict_rejects_bad_states():
+    batch = rollouts()
+    masker = ProbabilisticChunkMasker(budget=4, seed=0)
+    masker.select(**batch)
+    state = masker.state_dict()
+    before = masker.keep_probabilities
+
+    def broken(**changes):
+        s = {**state, "buffer": {**state["buffer"]}}
+        for key, value in changes.items():
+            if key in s["buffer"]:
+                s["buffer"][key] = value
+            else:
+                s[key] = value
+        return s
+
+    nan_keep = state["buffer"]["keep_probabilities"].clone()
+    nan_keep[0] = float("nan")
+    with pytest.raises(ValueError, match=r"`state\['keep_probabilities'\]` must be finite"):
+        masker.load_state_dict(broken(keep_probabilities=nan_keep))
+    with pytest.raises(ValueError, match=r"`state\['keep_probabilities'\]` must lie in \(0, 1\]"):
+        masker.load_state_dict(broken(keep_probabilities=nan_keep.nan_to_num(2.0)))
+    neg = state["buffer"]["window_sum"].clone()
+    neg[1] = -1.0
+    with pytest.raises(ValueError, match=r"`state\['window_sum'\]` must be finite and non-negative"):
+        masker.load_state_dict(broken(window_sum=neg))
+    with pytest.raises(TypeError, match=r"`state\['budget'\]` must be an int, got float"):
+        masker.load_state_dict(broken(budget=4.7))
+    with pytest.raises(TypeError, match=r"`state\['num_phases'\]` must be an int, got float"):
+        masker.load_state_dict(broken(num_phases=5.0))
+    with pytest.raises(TypeError, match=r"`state\['generator'\]` must be a torch.Tensor"):
+        masker.load_state_dict(broken(generator=[1, 2]))
+    with pytest.raises(ValueError, match=r"`state\['generator'\]` must be a state of this masker"):
+        masker.load_state_dict(broken(generator=torch.zeros(3, dtype=torch.uint8)))
+    with pytest.raises(TypeError, match=r"`state\['window_steps'\]` must be an int"):
+        masker.load_state_dict(broken(window_steps=1.0))
+    # Nothing was changed by the rejected loads.
+    torch.testing.assert_close(masker.keep_probabilities, before)
+    masker.load_state_dict(state)

@@ -81,7 +81,7 @@ thresholds = st.tuples(
 def test_close_fraction_conventions(close, threshold, values):
     opened, closed = values
     g = torch.tensor([[[opened] * 4, [closed, opened, closed, closed], [closed] * 4]])
-    out = gripper_close_fraction(g, close=close, threshold=threshold)
+    out = gripper_close_fraction(g, close=close, close_threshold=threshold)
     assert out.tolist() == [[0.0, 0.75, 1.0]]
     assert out.dtype == torch.float32
 
@@ -101,7 +101,7 @@ def test_close_fraction_matches_reference(n_traj, n_chunk, n_step, close, seed):
     threshold = 0.2 if close == "threshold" else None
     g_t = torch.from_numpy(g)
     g_t[~torch.from_numpy(valid)] = float("nan")
-    out = gripper_close_fraction(g_t, torch.from_numpy(valid), close=close, threshold=threshold)
+    out = gripper_close_fraction(g_t, torch.from_numpy(valid), close=close, close_threshold=threshold)
     ref = close_fraction_ref(g, valid, close, threshold)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, torch.from_numpy(ref))
@@ -115,8 +115,8 @@ def test_close_fraction_int_and_bf16():
     half = torch.tensor([[[-1.0, 0.5, 0.25, 1.0], [0.0, 0.0, 1.0, 1.0]]], dtype=torch.bfloat16)
     for close, threshold in (("positive", None), ("zero", None), ("threshold", 0.25)):
         torch.testing.assert_close(
-            gripper_close_fraction(half, close=close, threshold=threshold),
-            gripper_close_fraction(half.double(), close=close, threshold=threshold).float(),
+            gripper_close_fraction(half, close=close, close_threshold=threshold),
+            gripper_close_fraction(half.double(), close=close, close_threshold=threshold).float(),
         )
 
 
@@ -124,12 +124,12 @@ def test_close_fraction_errors():
     g = torch.zeros(2, 3, 4)
     with pytest.raises(ValueError, match="`close`"):
         gripper_close_fraction(g, close="open")
-    with pytest.raises(ValueError, match="`threshold`.*given"):
+    with pytest.raises(ValueError, match="`close_threshold`.*given"):
         gripper_close_fraction(g, close="threshold")
-    with pytest.raises(ValueError, match="`threshold`.*finite"):
-        gripper_close_fraction(g, threshold=float("nan"))
-    with pytest.raises(TypeError, match="`threshold`"):
-        gripper_close_fraction(g, threshold="0.5")
+    with pytest.raises(ValueError, match="`close_threshold`.*finite"):
+        gripper_close_fraction(g, close_threshold=float("nan"))
+    with pytest.raises(TypeError, match="`close_threshold`"):
+        gripper_close_fraction(g, close_threshold="0.5")
     with pytest.raises(TypeError, match="`gripper`"):
         gripper_close_fraction(g.bool())
     with pytest.raises(ValueError, match="`gripper`.*3 dimensions"):

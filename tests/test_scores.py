@@ -370,7 +370,7 @@ def test_buffer_uses_keep_probabilities():
     s = torch.tensor([0.0, 1.0, 4.0, 9.0, 2.0])
     d = torch.tensor([True, True, True, True, False])
     torch.testing.assert_close(
-        buf.update(s, d), keep_probabilities(s, d, floor=0.2, power=0.5).float()
+        buf.update(s, d), keep_probabilities(s, d, p_min=0.2, power=0.5).float()
     )
 
 

@@ -74,3 +74,113 @@ def test_from_mask_errors():
         Selection.from_mask(torch.ones(2, 3, dtype=torch.bool), k=2)
     with pytest.raises(ValueError, match="`k` must be > 0"):
         Selection.from_mask(torch.ones(2, 3, dtype=torch.bool), k=0)
+
+
+# ----------------------------------------------------------------------------- rows and cat
+
+
+def _three_rows():
+    return Selection.from_mask(
+        torch.tensor([[True, False, True], [False, True, False], [True, True, True]]), k=3
+    )
+
+
+def test_rows_by_int_slice_mask_and_index_tensor():
+    sel = _three_rows()
+    for index, rows in (
+        (1, [1]),
+        (slice(0, 2), [0, 1]),
+        (slice(None, None, 2), [0, 2]),
+        (torch.tensor([True, False, True]), [0, 2]),
+        (torch.tensor([2, 0, 2]), [2, 0, 2]),
+        (torch.tensor([], dtype=torch.int64), []),
+    ):
+        sub = sel.rows(index)
+        assert isinstance(sub, Selection)
+        assert sub.indices.tolist() == [sel.indices[i].tolist() for i in rows]
+        assert sub.mask.tolist() == [sel.mask[i].tolist() for i in rows]
+        assert sub.num_chunks.tolist() == [sel.num_chunks[i].item() for i in rows]
+        assert sub.k == sel.k and sub.chunks_total == sel.chunks_total
+    # The tuple meaning of indexing is untouched: unpacking and sel[0] are the fields.
+    indices, mask, num_chunks, chunks_total = sel
+    assert sel[0] is indices and chunks_total == 3
+
+
+def test_rows_errors_name_the_argument():
+    sel = _three_rows()
+    with pytest.raises(ValueError, match=r"`index` must lie in \[0, 3\), got -1"):
+        sel.rows(-1)
+    with pytest.raises(ValueError, match=r"`index` must lie in \[0, 3\), got 3"):
+        sel.rows(3)
+    with pytest.raises(ValueError, match=r"`index` must hold rows in \[0, 3\), got values in \[-1, 1\]"):
+        sel.rows(torch.tensor([-1, 1]))
+    with pytest.raises(ValueError, match=r"`index` must hold rows in \[0, 3\), got values in \[0, 5\]"):
+        sel.rows(torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match=r"`index` bool mask must have shape \(3,\).*\(2,\)"):
+        sel.rows(torch.tensor([True, False]))
+    with pytest.raises(TypeError, match=r"`index` must be an int.*got bool"):
+        sel.rows(True)
+    with pytest.raises(TypeError, match=r"`index` must be an int.*got float"):
+        sel.rows(1.0)
+    with pytest.raises(TypeError, match=r"`index` must have an int dtype"):
+        sel.rows(torch.tensor([0.0]))
+    with pytest.raises(ValueError, match=r"`index` slice step must be >= 1, got -1"):
+        sel.rows(slice(None, None, -1))
+
+
+def test_cat_is_the_union_batch():
+    a = Selection.from_mask(torch.tensor([[True, False, True]]), k=2)
+    b = Selection.from_mask(torch.tensor([[False, True, False], [True, True, False]]), k=2)
+    both = Selection.cat([a, b])
+    assert both.num_traj == 3 and both.k == 2 and both.chunks_total == 3
+    assert torch.equal(both.chunk_mask(), torch.cat([a.chunk_mask(), b.chunk_mask()]))
+    assert both.flat_index().tolist() == [0, 2, 4, 6, 7]
+    # rows() inverts cat().
+    assert torch.equal(both.rows(slice(1, 3)).indices, b.indices)
+    assert Selection.cat((a,)).indices.tolist() == a.indices.tolist()
+
+
+def test_cat_errors():
+    a = Selection.from_mask(torch.tensor([[True, False, True]]), k=2)
+    with pytest.raises(ValueError, match=r"`selections` must hold at least one"):
+        Selection.cat([])
+    with pytest.raises(TypeError, match=r"`selections` must be a list or tuple"):
+        Selection.cat(a)
+    with pytest.raises(TypeError, match=r"`selections\[1\]` must be a Selection, got Tensor"):
+        Selection.cat([a, a.indices])
+    with pytest.raises(ValueError, match=r"`selections\[1\]`.*\(k=2, chunks_total=3\), got k=3"):
+        Selection.cat([a, Selection.from_mask(torch.ones(1, 3, dtype=torch.bool))])
+    with pytest.raises(ValueError, match=r"`selections\[1\]`.*got k=2, chunks_total=4"):
+        Selection.cat([a, Selection.from_mask(torch.zeros(1, 4, dtype=torch.bool), k=2)])
+
+
+def test_helpers_reject_negative_sizes():
+    sel = _three_rows()
+    for method in (sel.packed_traj_index, sel.packed_slot_index, sel.flat_index):
+        with pytest.raises(ValueError, match=r"`size` must be >= 0, got -1"):
+            method(-1)
+        with pytest.raises(TypeError, match=r"`size` must be an int, got float"):
+            method(2.0)
+
+
+def test_check_rejects_hand_built_selections():
+    good = _three_rows()
+    assert good.check() is good
+    out_of_range = good._replace(indices=good.indices.masked_fill(good.mask, 7))
+    with pytest.raises(ValueError, match=r"`selection.indices` must lie in \[0, 3\)"):
+        out_of_range.check()
+    negative = good._replace(indices=torch.where(good.mask, -1, 0))
+    with pytest.raises(ValueError, match=r"`selection.indices` must lie in \[0, 3\)"):
+        negative.check()
+    holes = good._replace(mask=torch.tensor([[False, True, False]] * 3))
+    with pytest.raises(ValueError, match=r"`selection.mask` must be a prefix"):
+        holes.check()
+    unsorted = good._replace(indices=good.indices.flip(1))
+    with pytest.raises(ValueError, match=r"`selection.indices` must be strictly ascending"):
+        unsorted.check()
+    with pytest.raises(TypeError, match=r"`selection.indices` must have a torch.int64 dtype"):
+        good._replace(indices=good.indices.int()).check()
+    with pytest.raises(ValueError, match=r"`selection.mask` must have the shape"):
+        good._replace(mask=good.mask[:, :2]).check()
+    with pytest.raises(ValueError, match=r"`selection.num_chunks` must lie in \[0, 3\]"):
+        good._replace(num_chunks=torch.tensor([4, 1, 3])).check()

@@ -193,19 +193,6 @@ def values_checkable(x: Tensor, validate_args: bool) -> bool:
     return x.device.type == "cpu" and not compiling
 
 
-def check_nonnegative(x: Tensor, name: str, where: Tensor | None = None) -> None:
-    """Check that ``x`` is finite and >= 0 (only at ``where`` if given). Synchronises."""
-    check_finite(x, name, where)
-    bad = x < 0
-    if where is not None:
-        bad = bad & where
-    if bool(bad.any()):
-        raise ValueError(
-            f"`{name}` must be >= 0, got {int(bad.sum())} negative value(s) "
-            f"(smallest {float(torch.where(bad, x, 0).min()):.6g})."
-        )
-
-
 def check_packed_rows(rows: int, name: str, selection_mask: Tensor, validate_args: bool) -> None:
     """Check that a packed tensor has one row per selected chunk (``selection.mask.sum()``).
 
@@ -257,8 +244,8 @@ def check_finite_nonnegative(
     xs = x if where is None else torch.where(where, x, 0)
     if xs.dtype == torch.bool:
         return
-    low, high = torch.aminmax(xs)
-    if bool((low >= 0) & (high < float("inf"))):
+    low, high = torch.aminmax(xs.detach())
+    if float(low) >= 0 and float(high) < float("inf"):  # NaN fails both
         return
     bad = ~((xs >= 0) & (xs < float("inf")))
     first = xs[bad][0].item()

@@ -14,11 +14,15 @@ from jaxtyping import Bool, Float, Float64, Int64, Integer, Real
 from torch import Tensor
 
 from chunkmask._checks import (
+    check_finite_nonnegative,
     check_min_ndim,
+    check_positive_int,
+    check_power,
     check_probability,
     check_same_device,
     check_same_shape,
     check_tensor,
+    resolve_mask,
 )
 
 __all__ = [
@@ -39,7 +43,7 @@ def keep_probabilities(
     scores: Float[Tensor, "*b phase"],
     defined: Bool[Tensor, "*b phase"] | None = None,
     *,
-    floor: float = 0.1,
+    p_min: float = 0.1,
     power: float = 1.0,
     validate_args: bool = True,
 ) -> Float[Tensor, "*b phase"]:
@@ -62,7 +66,7 @@ def keep_probabilities(
           exact Neyman weight of Eq. (6) when the score is proportional to the variance
           $\sigma_c^2$ (Lemma 2).
         - A phase that is not defined (no score this refresh, e.g. seen only in successes) gets the
-          floor $p_{\min}$.
+          floor $p_{\min}$ (`p_min`).
         - A row with no defined phase, or whose defined scores are all 0, carries no information:
           every phase then gets keep probability 1 (uniform weighting), so the selector falls back
           to uniform sampling instead of dividing by zero.
@@ -72,17 +76,17 @@ def keep_probabilities(
         scores: `(*b, phase)` non-negative per-phase scores $\bar V_c$ (leading batch dims allowed).
             Values at undefined phases are ignored and may be anything, including NaN.
         defined: `(*b, phase)` bool, True where the phase has a score. Defaults to all True.
-        floor: the floor $p_{\min}$ in (0, 1].
+        p_min: the floor $p_{\min}$ in (0, 1] of Eq. (9).
         power: the exponent $\gamma > 0$ applied after max normalisation.
         validate_args: check that defined scores are finite and non-negative (one host sync).
 
     Returns:
-        `(*b, phase)` keep probabilities in `[floor, 1]`, float32 (float64 for float64 input).
+        `(*b, phase)` keep probabilities in `[p_min, 1]`, float32 (float64 for float64 input).
 
     Raises:
         TypeError: if `scores` is not floating point, `defined` is not bool or `power` is not a
             number.
-        ValueError: if the shapes disagree, `floor` is outside (0, 1], `power` is not positive, or
+        ValueError: if the shapes disagree, `p_min` is outside (0, 1], `power` is not positive, or
             (with `validate_args`) a defined score is negative or not finite.
 
     Examples:
@@ -97,26 +101,12 @@ def keep_probabilities(
     """
     check_tensor(scores, "scores", dtypes="float")
     check_min_ndim(scores, "scores", 1)
-    if defined is None:
-        defined = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    else:
-        check_tensor(defined, "defined", dtypes="bool")
-        check_same_shape(defined, "defined", scores, "scores")
-        check_same_device(defined, "defined", scores, "scores")
-    floor = check_probability(floor, "floor")
-    if isinstance(power, bool) or not isinstance(power, (int, float)):
-        raise TypeError(f"`power` must be a real number, got {type(power).__name__}.")
-    if not power > 0:
-        raise ValueError(f"`power` must be a positive finite number, got {power!r}.")
-    if power == float("inf"):
-        raise ValueError(f"`power` must be a positive finite number, got {power!r}.")
+    _check_phase_axis(scores, "scores")
+    defined = resolve_mask(defined, "defined", scores, "scores")
+    p_min = check_probability(p_min, "p_min")
+    power = check_power(power, "power")
     if validate_args:
-        bad = defined & ~(torch.isfinite(scores) & (scores >= 0))
-        if bool(bad.any()):
-            raise ValueError(
-                f"`scores` must be finite and non-negative at defined phases, got "
-                f"{int(bad.sum())} bad value(s)."
-            )
+        check_finite_nonnegative(scores, "scores", defined, " at defined phases")
     out_dtype = _result_dtype(scores.dtype)
     work = scores.to(torch.float64)
     s = torch.where(defined, work, 0.0)
@@ -126,9 +116,17 @@ def keep_probabilities(
     top = share.amax(dim=-1, keepdim=True)
     rho = share / torch.where(informative, top, 1.0)
     rho = rho.pow(power)
-    p = torch.where(defined, rho.clamp_min(floor), floor)  # Eq. 9
+    p = torch.where(defined, rho.clamp_min(p_min), p_min)  # Eq. 9
     p = torch.where(informative, p, 1.0)
     return p.to(out_dtype)
+
+
+def _check_phase_axis(x: Tensor, name: str) -> None:
+    if x.shape[-1] == 0:
+        raise ValueError(
+            f"`{name}` must have at least one phase (a non-empty last axis), got shape "
+            f"{tuple(x.shape)}."
+        )
 
 
 def _check_budget(budget: "int | Tensor", batch_shape: torch.Size, device: torch.device) -> Tensor:
@@ -144,8 +142,7 @@ def _check_budget(budget: "int | Tensor", batch_shape: torch.Size, device: torch
                 f"`budget` must be a scalar or have the batch shape {tuple(batch_shape)}, "
                 f"got {tuple(budget.shape)}."
             )
-        if bool((budget < 0).any()):
-            raise ValueError(f"`budget` must be >= 0, got a minimum of {int(budget.min())}.")
+        check_finite_nonnegative(budget, "budget")
         return budget.to(device=device, dtype=torch.int64).expand(batch_shape)
     if isinstance(budget, bool) or not isinstance(budget, int):
         raise TypeError(
@@ -162,13 +159,8 @@ def _check_sizes_stds(sizes: Tensor, stds: Tensor) -> None:
     check_tensor(stds, "stds", dtypes="float")
     check_same_shape(stds, "stds", sizes, "sizes")
     check_same_device(stds, "stds", sizes, "sizes")
-    if bool((sizes < 0).any()):
-        raise ValueError(f"`sizes` must be >= 0, got a minimum of {int(sizes.min())}.")
-    bad = ~(torch.isfinite(stds) & (stds >= 0))
-    if bool(bad.any()):
-        raise ValueError(
-            f"`stds` must be finite and non-negative, got {int(bad.sum())} bad value(s)."
-        )
+    check_finite_nonnegative(sizes, "sizes")
+    check_finite_nonnegative(stds, "stds")
 
 
 def neyman_allocation(
@@ -244,17 +236,15 @@ def neyman_allocation(
     if isinstance(lower, Tensor):
         check_tensor(lower, "lower", dtypes="int")
         check_same_shape(lower, "lower", sizes, "sizes")
+        check_same_device(lower, "lower", sizes, "sizes")
+        check_finite_nonnegative(lower, "lower")
         low = lower.to(device=device, dtype=torch.int64)
-        if bool((low < 0).any()):
-            raise ValueError(f"`lower` must be >= 0, got a minimum of {int(low.min())}.")
     else:
         if isinstance(lower, bool) or not isinstance(lower, int):
             raise TypeError(
                 f"`lower` must be an int or an integer tensor, got {type(lower).__name__}."
             )
-        if lower < 0:
-            raise ValueError(f"`lower` must be >= 0, got {lower}.")
-        low = torch.full_like(sizes64, lower)
+        low = torch.full_like(sizes64, check_positive_int(lower, "lower", allow_zero=True))
     low = torch.minimum(low, sizes64)
     need = low.sum(-1)
     if bool((need > b).any()):
@@ -338,10 +328,8 @@ def neyman_allocation_continuous(
     check_same_device(stds, "stds", sizes, "sizes")
     n = sizes.to(torch.float64)
     sd = stds.to(torch.float64)
-    if bool((~torch.isfinite(n) | (n < 0)).any()):
-        raise ValueError("`sizes` must be finite and non-negative.")
-    if bool((~torch.isfinite(sd) | (sd < 0)).any()):
-        raise ValueError("`stds` must be finite and non-negative.")
+    check_finite_nonnegative(n, "sizes")
+    check_finite_nonnegative(sd, "stds")
     batch_shape = n.shape[:-1]
     if isinstance(budget, Tensor):
         check_tensor(budget, "budget", dtypes=("int", "float"))
@@ -350,15 +338,17 @@ def neyman_allocation_continuous(
                 f"`budget` must be a scalar or have the batch shape {tuple(batch_shape)}, "
                 f"got {tuple(budget.shape)}."
             )
-        b = budget.to(device=n.device, dtype=torch.float64).expand(batch_shape)
+        check_same_device(budget, "budget", sizes, "sizes")
+        b = budget.to(dtype=torch.float64).expand(batch_shape)
+        check_finite_nonnegative(b, "budget")
     else:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise TypeError(f"`budget` must be a number or a tensor, got {type(budget).__name__}.")
-        if not budget > 0:
+        if not budget > 0:  # NaN included
             raise ValueError(f"`budget` must be > 0, got {budget}.")
+        if budget == float("inf"):
+            raise ValueError(f"`budget` must be finite, got {budget}.")
         b = torch.full(batch_shape, float(budget), dtype=torch.float64, device=n.device)
-    if bool((~torch.isfinite(b) | (b < 0)).any()):
-        raise ValueError("`budget` must be finite and non-negative.")
     b = torch.minimum(b, n.sum(-1))
     area = n * sd
     full = n <= 0  # empty phases are trivially "full"
@@ -444,27 +434,20 @@ def suggest_budget(
         (2, 0.25)
     """
     check_tensor(scores, "scores", ndim=(1, 2), dtypes=("int", "float"))
-    if valid is None:
-        valid = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    else:
-        check_tensor(valid, "valid", dtypes="bool")
-        check_same_shape(valid, "valid", scores, "scores")
-        check_same_device(valid, "valid", scores, "scores")
+    valid = resolve_mask(valid, "valid", scores, "scores")
     if scores.ndim == 1:
         scores, valid = scores[None], valid[None]
     s = scores.to(torch.float64)
-    bad = valid & ~(torch.isfinite(s) & (s >= 0))
-    if bool(bad.any()):
-        raise ValueError(
-            f"`scores` must be finite and non-negative at valid chunks, got {int(bad.sum())} "
-            "bad value(s)."
-        )
+    check_finite_nonnegative(s, "scores", valid, " at valid chunks")
     s = torch.where(valid, s, 0.0)
     n = s.shape[1]
     total = s.sum(1)
     informative = total > 0
     if not bool(informative.any()):
-        raise ValueError("`scores` must have a positive valid score in at least one trajectory.")
+        raise ValueError(
+            "`scores` must have a positive score at a `valid` chunk in at least one trajectory, "
+            "got none."
+        )
     ranked = torch.sort(s, dim=1, descending=True).values
     captured = torch.cumsum(ranked, dim=1) / torch.where(informative, total, 1.0)[:, None]
     captured = torch.cat([torch.zeros_like(captured[:, :1]), captured.clamp(max=1.0)], dim=1)

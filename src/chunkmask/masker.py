@@ -15,14 +15,17 @@ from jaxtyping import Bool, Float, Int64, Real
 from torch import Tensor
 
 from chunkmask._checks import (
+    check_bool,
+    check_min_ndim,
     check_option,
     check_positive_int,
+    check_shape,
     check_tensor,
     resolve_valid,
 )
-from chunkmask.phases import NUM_PHASES, gripper_close_fraction, label_gripper_phases
+from chunkmask.phases import NUM_PHASES, Phase, gripper_close_fraction, label_gripper_phases
 from chunkmask.sampling import inclusion_probabilities, plackett_luce_sample
-from chunkmask.scores import PhaseScoreBuffer, success_failure_variance
+from chunkmask.scores import PhaseScoreBuffer, _success_failure_variance
 from chunkmask.selection import Selection
 
 
@@ -85,19 +88,39 @@ class ProbabilisticChunkMasker:
             the gripper rule.
         inclusion: also return the exact inclusion probabilities `pi` (for the Horvitz-Thompson
             estimator of `masked_grpo_loss`); costs a few hundred ms at 80 x 64 on one CPU core.
-        seed: seed of the masker's own CPU generator (ignored when `generator` is given).
+        seed: a non-negative int seeding the masker's own CPU generator (ignored when
+            `generator` is given; a float or bool is rejected, not truncated).
         generator: a `torch.Generator` to draw with.
+        global_rng: draw from torch's global RNG (seed it with `torch.manual_seed`) instead of a
+            generator of the masker's own. Needed under `torch.compile(fullgraph=True)`: see
+            the note on compiling below.
         process_group: a `torch.distributed` group; the score buffer all-reduces its statistics
             over it so that every rank holds identical keep probabilities. Each rank's `V_c` is
             weighted by its number of defined groups, so that the reduced score equals the score
             of the union batch when every group's rollouts sit on one rank.
         validate_args: run the value checks of the primitives on the user's inputs (finite
-            actions, phase ids in range); they synchronise with the device once per call.
+            actions, phase ids and group ids in range); they synchronise with the device.
+
+    Notes:
+        - Host synchronisation. With `validate_args=False`, `inclusion=False`, no
+          `process_group` and `select(..., num_groups=G)` (dense group ids in `[0, G)`, which
+          replaces the `torch.unique` of `success_failure_variance`), `select` makes no host
+          sync: no `.item()`, `int(tensor)`, `bool(tensor)`, `torch.unique`, `nonzero` or
+          boolean-mask indexing. The one op that still blocks
+          `torch.compile(fullgraph=True)` is the random draw from a `torch.Generator`
+          (`torch.rand(..., generator=g)`, which TorchDynamo in torch 2.13 cannot trace); build
+          the masker with `global_rng=True` to compile `select` whole. The score buffer's
+          Python step counters are guarded by the compiler: the first few steps recompile
+          (about `refresh_every + 1` graphs), later steps reuse them.
+        - `MaskerInfo.phases` is `Phase.PAD` (-1) at every padded chunk, also when `phases` is
+          passed to `select` (whatever the caller put there).
 
     Raises:
         ValueError: if `budget`, `num_phases` or `refresh_every` is not a positive int, `p_min`
-            lies outside (0, 1], `power` is not positive, or `weighting` is unknown.
-        TypeError: if `labeler` is not callable or `generator` is not a `torch.Generator`.
+            lies outside (0, 1], `power` is not positive, `weighting` or `close` is unknown, or
+            `seed` is negative.
+        TypeError: if `labeler` is not callable, `generator` is not a `torch.Generator`, `seed`
+            is not an int, or `inclusion`, `global_rng` or `validate_args` is not a bool.
 
     Examples:
         >>> import torch
@@ -127,6 +150,7 @@ class ProbabilisticChunkMasker:
         inclusion: bool = False,
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        global_rng: bool = False,
         process_group: Any = None,
         validate_args: bool = True,
     ) -> None:
@@ -142,10 +166,13 @@ class ProbabilisticChunkMasker:
         self.close = close
         self.close_threshold = close_threshold
         # Fail on a nonsensical gripper convention now rather than at the first step.
-        gripper_close_fraction(torch.zeros(1, 1, 1), close=close, threshold=close_threshold)
+        gripper_close_fraction(torch.zeros(1, 1, 1), close=close, close_threshold=close_threshold)
         self.labeler = labeler
-        self.inclusion = bool(inclusion)
-        self.validate_args = bool(validate_args)
+        self.inclusion = check_bool(inclusion, "inclusion")
+        self.validate_args = check_bool(validate_args, "validate_args")
+        self.global_rng = check_bool(global_rng, "global_rng")
+        if seed is not None:
+            seed = check_positive_int(seed, "seed", allow_zero=True)
         self.distributed = process_group is not None
         self.buffer = PhaseScoreBuffer(
             self.num_phases,
@@ -154,12 +181,15 @@ class ProbabilisticChunkMasker:
             power=power,
             process_group=process_group,
         )
-        if generator is None:
+        if self.global_rng:
+            if generator is not None:
+                raise ValueError("`generator` must be None when `global_rng=True`, got one.")
+        elif generator is None:
             generator = torch.Generator()
             if seed is None:
                 generator.seed()
             else:
-                generator.manual_seed(int(seed))
+                generator.manual_seed(seed)
         self.generator = generator
 
     @property
@@ -194,12 +224,20 @@ class ProbabilisticChunkMasker:
                     "`gripper` or `actions` must be given to label phases, got neither."
                 )
             check_tensor(actions, "actions", ndim=4, dtypes="float")
+            if actions.shape[-1] == 0:
+                raise ValueError(
+                    f"`actions` must have at least one action dimension (the gripper is the "
+                    f"last), got shape {tuple(actions.shape)}."
+                )
             gripper = actions[..., -1]
         if self.labeler is not None:
             valid = resolve_valid(valid, gripper, ref_name="gripper")
-            return self.labeler(gripper, valid)
+            phases = self.labeler(gripper, valid)
+            check_tensor(phases, "labeler(gripper, valid)", ndim=2, dtypes="int")
+            check_shape(phases, "labeler(gripper, valid)", tuple(valid.shape))
+            return phases
         fraction = gripper_close_fraction(
-            gripper, valid, close=self.close, threshold=self.close_threshold
+            gripper, valid, close=self.close, close_threshold=self.close_threshold
         )
         return label_gripper_phases(fraction, valid, validate_args=self.validate_args)
 
@@ -212,6 +250,7 @@ class ProbabilisticChunkMasker:
         valid: Bool[Tensor, "traj chunk"] | None = None,
         gripper: Real[Tensor, "traj chunk step"] | None = None,
         phases: Int64[Tensor, "traj chunk"] | None = None,
+        num_groups: int | None = None,
     ) -> tuple[Selection, MaskerInfo]:
         """Score phases on this batch, update the keep probabilities and draw `B` chunks each.
 
@@ -223,6 +262,8 @@ class ProbabilisticChunkMasker:
             valid: `(traj, N)` bool mask of real chunks; all True when None.
             gripper: `(traj, N, H)` gripper commands; defaults to `actions[..., -1]`.
             phases: `(traj, N)` precomputed phase ids; skips labelling when given.
+            num_groups: the number of groups `G` when `group` holds dense ids in `[0, G)`;
+                avoids the host sync of `torch.unique` (see the class notes).
 
         Returns:
             The `Selection` (at most `B` chunks per trajectory, all of them when a trajectory
@@ -232,10 +273,13 @@ class ProbabilisticChunkMasker:
             ValueError, TypeError: from the primitives, naming the offending argument.
         """
         check_tensor(actions, "actions", dtypes="float")
+        check_min_ndim(actions, "actions", 2)
         valid = resolve_valid(valid, actions, ref_name="actions")
         if phases is None:
             phases = self.label(actions, gripper, valid)
-        variance = success_failure_variance(
+        else:
+            check_tensor(phases, "phases", ndim=2, dtypes="int")
+        variance = _success_failure_variance(
             actions,
             phases,
             success,
@@ -243,20 +287,24 @@ class ProbabilisticChunkMasker:
             num_phases=self.num_phases,
             valid=valid,
             weighting=self.weighting,
+            num_groups=num_groups,
             validate_args=self.validate_args,
+            features_name="actions",
         )
         weight = variance.group_defined.sum(0).to(variance.scores.dtype) if self.distributed else None
         keep = self.buffer.update(variance.scores, variance.defined, weight=weight, validate_args=False)
         keep = keep.to(actions.device)
-        phase_index = torch.where(valid, phases, 0).clamp(0, self.num_phases - 1)
+        phases = torch.where(valid, phases.to(torch.int64), int(Phase.PAD))
+        phase_index = phases.clamp(0, self.num_phases - 1)
         weights = torch.where(valid, keep[phase_index], 0.0)
         selection = plackett_luce_sample(
             weights, self.budget, valid=valid, generator=self.generator, validate_args=False
         )
         chosen = selection.chunk_mask()
-        one_hot = torch.nn.functional.one_hot(phase_index, self.num_phases)
-        selected_per_phase = torch.where(chosen[..., None], one_hot, 0).sum(dim=(0, 1))
-        available_per_phase = torch.where(valid[..., None], one_hot, 0).sum(dim=(0, 1))
+        # One-hot by comparison: `one_hot` checks its input range on the host.
+        one_hot = phase_index[..., None] == torch.arange(self.num_phases, device=actions.device)
+        per_phase_chosen = (one_hot & chosen[..., None]).sum(dim=(0, 1))
+        per_phase_valid = (one_hot & valid[..., None]).sum(dim=(0, 1))
         pi = None
         if self.inclusion:
             pi = inclusion_probabilities(weights, self.budget, valid=valid)
@@ -266,37 +314,60 @@ class ProbabilisticChunkMasker:
             scores=variance.scores,
             defined=variance.defined,
             weights=weights,
-            selected_per_phase=selected_per_phase,
-            available_per_phase=available_per_phase,
+            selected_per_phase=per_phase_chosen,
+            available_per_phase=per_phase_valid,
             inclusion=pi,
         )
         return selection, info
 
     def state_dict(self) -> dict[str, Any]:
-        """The masker's state: the score buffer and the generator state."""
+        """The masker's state: the score buffer and the generator state (None with `global_rng`)."""
         return {
             "budget": self.budget,
             "num_phases": self.num_phases,
             "buffer": self.buffer.state_dict(),
-            "generator": self.generator.get_state(),
+            "generator": None if self.generator is None else self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state produced by `state_dict`.
 
         Raises:
-            ValueError: if the state is missing keys or was saved with another `num_phases`.
+            TypeError: if `state` is not a dict, a counter not an int, or the generator state
+                not a uint8 tensor.
+            ValueError: if the state is missing keys, was saved with another `num_phases`, holds
+                an invalid buffer state (see `PhaseScoreBuffer.load_state_dict`) or a generator
+                state the generator rejects.
         """
         if not isinstance(state, dict):
             raise TypeError(f"`state` must be a dict, got {type(state).__name__}.")
         missing = {"budget", "num_phases", "buffer", "generator"} - set(state)
         if missing:
             raise ValueError(f"`state` is missing keys {sorted(missing)}.")
-        if int(state["num_phases"]) != self.num_phases:
+        num_phases = check_positive_int(state["num_phases"], "state['num_phases']")
+        if num_phases != self.num_phases:
             raise ValueError(
                 f"`state['num_phases']` must equal this masker's num_phases {self.num_phases}, "
-                f"got {state['num_phases']}."
+                f"got {num_phases}."
             )
-        self.budget = check_positive_int(int(state["budget"]), "state['budget']")
+        budget = check_positive_int(state["budget"], "state['budget']")
+        gen_state = state["generator"]
+        if self.generator is not None:
+            check_tensor(gen_state, "state['generator']", ndim=1, dtypes=(torch.uint8,))
+        elif gen_state is not None:
+            raise ValueError(
+                "`state['generator']` must be None for a masker with `global_rng=True`, got a "
+                f"{type(gen_state).__name__}."
+            )
+        if self.generator is not None:
+            try:  # on a scratch generator first, so that a bad state changes nothing
+                torch.Generator(device=self.generator.device).set_state(gen_state)
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"`state['generator']` must be a state of this masker's generator, got one "
+                    f"it rejects ({exc})."
+                ) from None
         self.buffer.load_state_dict(state["buffer"])
-        self.generator.set_state(state["generator"])
+        if self.generator is not None:
+            self.generator.set_state(gen_state)
+        self.budget = budget

@@ -58,7 +58,7 @@ def gripper_close_fraction(
     valid: Bool[Tensor, "traj chunk"] | None = None,
     *,
     close: Literal["positive", "zero", "negative", "threshold"] = "positive",
-    threshold: float | None = None,
+    close_threshold: float | None = None,
 ) -> Float[Tensor, "traj chunk"]:
     r"""Compute the fraction of steps of each chunk whose gripper command means "close".
 
@@ -71,12 +71,12 @@ def gripper_close_fraction(
     Simulators and model heads disagree on the sign of the gripper command (the LIBERO
     environment closes on +1, the RLDS action head on 0), so the convention is explicit:
 
-    | `close` | a step closes when | default `threshold` |
+    | `close` | a step closes when | default `close_threshold` |
     |---|---|---|
-    | `"positive"` | `g > threshold` (+1 closes, -1 or 0 opens) | 0 |
-    | `"negative"` | `g < threshold` (-1 closes, +1 opens) | 0 |
-    | `"zero"` | `g < threshold` (0 closes, 1 opens) | 0.5 |
-    | `"threshold"` | `g >= threshold` | required |
+    | `"positive"` | `g > close_threshold` (+1 closes, -1 or 0 opens) | 0 |
+    | `"negative"` | `g < close_threshold` (-1 closes, +1 opens) | 0 |
+    | `"zero"` | `g < close_threshold` (0 closes, 1 opens) | 0.5 |
+    | `"threshold"` | `g >= close_threshold` | required |
 
     A NaN command never counts as "close".
 
@@ -84,17 +84,17 @@ def gripper_close_fraction(
         gripper: `(traj, chunk, step)` gripper command of every step (float or int).
         valid: `(traj, chunk)` bool mask of real chunks; padding gets fraction 0.
         close: the command convention, see the table.
-        threshold: the decision threshold; overrides the default of `close`, required for
+        close_threshold: the decision threshold; overrides the default of `close`, required for
             `close="threshold"`.
 
     Returns:
         `(traj, chunk)` close fractions in [0, 1], float32 (float64 for float64 input).
 
     Raises:
-        TypeError: if `gripper` is not a real-valued tensor, `valid` not bool or `threshold` not
-            a number.
+        TypeError: if `gripper` is not a real-valued tensor, `valid` not bool or
+            `close_threshold` not a number.
         ValueError: if `gripper` is not 3-D or has no steps, `valid` has the wrong shape,
-            `close` is unknown, `threshold` is missing for `close="threshold"` or not finite.
+            `close` is unknown, `close_threshold` is missing for `close="threshold"` or not finite.
 
     Examples:
         >>> import torch
@@ -111,11 +111,13 @@ def gripper_close_fraction(
         )
     valid = resolve_valid(valid, gripper, ref_name="gripper")
     check_option(close, "close", _CLOSE_OPTIONS)
-    if threshold is None:
+    if close_threshold is None:
         if close == "threshold":
-            raise ValueError('`threshold` must be given when `close="threshold"`, got None.')
-        threshold = _DEFAULT_THRESHOLD[close]
-    threshold = check_real(threshold, "threshold")
+            raise ValueError(
+                '`close_threshold` must be given when `close="threshold"`, got None.'
+            )
+        close_threshold = _DEFAULT_THRESHOLD[close]
+    threshold = check_real(close_threshold, "close_threshold")
     if close == "positive":
         closed = gripper > threshold
     elif close == "threshold":

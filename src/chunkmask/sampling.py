@@ -11,6 +11,7 @@ from jaxtyping import Bool, Float64, Integer, Real
 from torch import Tensor
 
 from chunkmask._checks import (
+    check_finite_nonnegative,
     check_positive_int,
     check_same_device,
     check_tensor,
@@ -34,19 +35,17 @@ def _selection_from_picks(
     """Build a `Selection` from picked indices `(traj, k')` and their validity, `k' <= k`.
 
     The valid picks are sorted into ascending chunk order in front; the remaining slots (including
-    `k - k'` pad slots when `k > N`) are flagged and hold 0. Static shapes, no host sync.
+    `k - k'` pad slots when `k > N`) are flagged and hold 0. One sort of the `k'` picks, where a
+    flagged pick is keyed `N` so that it sorts last: the mask is then `sorted < N`, with no count
+    or `arange`. Static shapes, no host sync.
     """
-    key = torch.where(ok, picks, chunks_total + picks)
-    picks = torch.sort(key, dim=1).values
-    count = ok.sum(1)
-    if k > picks.shape[1]:
-        pad = torch.zeros(
-            picks.shape[0], k - picks.shape[1], dtype=picks.dtype, device=picks.device
-        )
-        picks = torch.cat([picks, pad], dim=1)
-    mask = torch.arange(k, device=picks.device) < count[:, None]
-    indices = torch.where(mask, picks, 0).to(torch.int64)
-    return Selection(indices, mask, num_chunks.to(torch.int64), chunks_total)
+    key = torch.where(ok, picks, chunks_total)
+    if k > key.shape[1]:
+        key = torch.nn.functional.pad(key, (0, k - key.shape[1]), value=chunks_total)
+    key = torch.sort(key, dim=1).values
+    mask = key < chunks_total
+    indices = torch.where(mask, key, 0)
+    return Selection(indices, mask, num_chunks, chunks_total)
 
 
 def _uniform(
@@ -85,17 +84,22 @@ def plackett_luce_sample(
 
     Implemented with the Gumbel-top-k trick (Kool et al. 2019, arXiv 1903.06059): the top `k` of
     the keys $\log w_t + G_t$, $G_t \sim \mathrm{Gumbel}(0, 1)$, in descending key order are a
-    Plackett-Luce sample. The Selection stores the chosen set in ascending chunk order, so the draw
-    order is not kept (the set is what the masked loss needs).
+    Plackett-Luce sample. With $G_t = -\log E_t$, $E_t \sim \mathrm{Exp}(1)$, the keys are the
+    logarithms of $w_t / E_t$ (the race of exponential clocks $E_t / w_t$), so the function ranks
+    $-w_t / E_t$ directly: one `div` instead of two more logarithms, the same draw for the same
+    uniforms. The Selection stores the chosen set in ascending chunk order, so the draw order is
+    not kept (the set is what the masked loss needs).
 
     Notes:
         - Keys are computed in float32 (float64 for float64 weights), so bfloat16 weights work.
           The uniform draws are clamped to the smallest positive normal number so that a draw of
-          exactly 0 cannot produce an infinite key.
-        - Padding (`valid` False) and zero weights get a key of $-\infty$ and are never drawn.
-          When fewer than `k` chunks have a positive weight, all of them are taken and the other
-          slots are flagged (`mask` False, index 0). `k > N` is allowed: the extra slots are
-          flagged too.
+          exactly 0 cannot produce an infinite key. PL is invariant to scaling the weights; keep
+          them within about $[10^{-30}, 10^{30}]$ in float32 (a subnormal weight can round its key
+          to 0 and count as zero).
+        - Padding (`valid` False) and zero weights get a key of 0 (every usable key is negative)
+          and are never drawn. When fewer than `k` chunks have a positive weight, all of them are
+          taken and the other slots are flagged (`mask` False, index 0). `k > N` is allowed: the
+          extra slots are flagged too.
         - `num_chunks` counts the valid chunks $T_i$ (the `valid` mask), not only those with a
           positive weight: it is the full-length normaliser of the Horvitz-Thompson estimator.
         - With `validate_args=False` the function has static shapes and no host synchronisation,
@@ -139,27 +143,33 @@ def plackett_luce_sample(
     """
     check_tensor(weights, "weights", ndim=2, dtypes="float")
     k = check_positive_int(k, "k")
-    valid = resolve_valid(valid, weights, ref_name="weights")
+    if valid is not None:
+        valid = resolve_valid(valid, weights, ref_name="weights")
     _check_generator(generator)
-    if validate_args:
-        bad = valid & ~(torch.isfinite(weights) & (weights >= 0))
-        if bool(bad.any()):
-            raise ValueError(
-                f"`weights` must be finite and non-negative at valid chunks, got "
-                f"{int(bad.sum())} bad value(s)."
-            )
-    dtype = torch.float64 if weights.dtype == torch.float64 else torch.float32
-    w = weights.detach().to(dtype)
-    usable = valid & (w > 0)
-    log_w = torch.where(usable, torch.log(torch.where(usable, w, 1.0)), float("-inf"))
-    u = _uniform(tuple(weights.shape), generator, weights, dtype)
-    u = u.clamp_min(torch.finfo(dtype).tiny)
-    keys = log_w - torch.log(-torch.log(u))
-    n = weights.shape[1]
-    # Unsorted: the picks are re-sorted into ascending chunk order below.
-    top = torch.topk(keys, min(k, n), dim=1, sorted=False)
-    ok = torch.isfinite(top.values)
-    return _selection_from_picks(top.indices, ok, k, valid.sum(1), n)
+    with torch.no_grad():
+        dtype = torch.float64 if weights.dtype == torch.float64 else torch.float32
+        w = weights.detach()
+        if w.dtype != dtype:
+            w = w.to(dtype)
+        if valid is not None:
+            w = torch.where(valid, w, 0.0)  # padding contents (NaN included) never matter
+        if validate_args:
+            # `w` is already zero at padding: one unmasked check.
+            check_finite_nonnegative(w, "weights", where_desc=" at valid chunks")
+        num_traj, n = w.shape
+        u = _uniform((num_traj, n), generator, weights, dtype)
+        # Exponential race: E = -log(u) ~ Exp(1) and the k largest w / E (the k first clocks to
+        # ring) are the Gumbel-top-k keys log w - log E, exponentiated. The key -w / E is < 0
+        # exactly for the usable chunks (w > 0); zero, negative (unchecked) and NaN weights give
+        # keys >= 0 or NaN, which `topk(largest=False)` ranks last and `ok` flags.
+        keys = torch.div(w, u.clamp_min_(torch.finfo(dtype).tiny).log_())
+        top = torch.topk(keys, min(k, n), dim=1, largest=False, sorted=False)
+        ok = top.values < 0
+        if valid is None:
+            num_chunks = torch.full((num_traj,), n, dtype=torch.int64, device=weights.device)
+        else:
+            num_chunks = valid.sum(1)
+        return _selection_from_picks(top.indices, ok, k, num_chunks, n)
 
 
 def _poisson_binomial_prefix(q: Tensor, k: int) -> Tensor:
@@ -248,12 +258,7 @@ def inclusion_probabilities(
     k = check_positive_int(k, "k")
     num_nodes = check_positive_int(num_nodes, "num_nodes")
     valid = resolve_valid(valid, weights, ref_name="weights")
-    bad = valid & ~(torch.isfinite(weights) & (weights >= 0))
-    if bool(bad.any()):
-        raise ValueError(
-            f"`weights` must be finite and non-negative at valid chunks, got {int(bad.sum())} "
-            "bad value(s)."
-        )
+    check_finite_nonnegative(weights, "weights", valid, " at valid chunks")
     w = weights.detach().to(torch.float64)
     usable = valid & (w > 0)
     w = torch.where(usable, w, 0.0)
@@ -360,6 +365,11 @@ def stratified_sample(
             f"got {tuple(allocation.shape)}."
         )
     num_phases = allocation.shape[-1]
+    if num_phases == 0:
+        raise ValueError(
+            f"`allocation` must have at least one phase (a non-empty last axis), got shape "
+            f"{tuple(allocation.shape)}."
+        )
     alloc = allocation.to(torch.int64).expand(num_traj, num_phases)
     if bool((alloc < 0).any()):
         raise ValueError(f"`allocation` must be >= 0, got a minimum of {int(alloc.min())}.")
@@ -496,6 +506,11 @@ def top_phase_sample(
             f"`scores` must have shape ({num_traj}, phase) or (phase,), got {tuple(scores.shape)}."
         )
     num_phases = scores.shape[-1]
+    if num_phases == 0:
+        raise ValueError(
+            f"`scores` must have at least one phase (a non-empty last axis), got shape "
+            f"{tuple(scores.shape)}."
+        )
     if validate_args and bool(torch.isnan(scores).any()):
         raise ValueError("`scores` must not contain NaN.")
     if valid is None:

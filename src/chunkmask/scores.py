@@ -15,14 +15,18 @@ from torch import Tensor
 
 from chunkmask._checks import (
     check_finite,
+    check_finite_nonnegative,
     check_min_ndim,
     check_option,
     check_positive_int,
+    check_power,
     check_probability,
+    check_process_group,
     check_same_device,
     check_same_shape,
     check_shape,
     check_tensor,
+    resolve_mask,
     resolve_valid,
 )
 from chunkmask.allocation import keep_probabilities
@@ -62,6 +66,7 @@ def success_failure_variance(
     num_phases: int,
     valid: Bool[Tensor, "traj chunk"] | None = None,
     weighting: Literal["uniform", "balance"] = "uniform",
+    num_groups: int | None = None,
     validate_args: bool = True,
 ) -> PhaseVariance:
     r"""Compute the per-phase success-failure action variance of a batch of rollout groups.
@@ -87,7 +92,10 @@ def success_failure_variance(
           failures contributes nothing. $p_g$ counts every rollout of the group.
         - Sums run in float64 with one segment reduction (`index_add_`) over the composite key
           (group, phase, outcome); there are no Python loops over groups or phases. Group labels
-          are arbitrary integers (remapped with `torch.unique`, one host sync).
+          are arbitrary integers, remapped with `torch.unique` (one host sync); with
+          `num_groups` they must instead be dense ids in `[0, num_groups)`, and the function
+          makes no host sync at all when `validate_args=False` (it then runs under
+          `torch.compile(fullgraph=True)`). Out-of-range ids are then ignored unchecked.
         - Padding contents (NaN/Inf included) never reach an output.
 
     Args:
@@ -99,8 +107,11 @@ def success_failure_variance(
         num_phases: number of phases $C$.
         valid: `(traj, chunk)` bool mask of real chunks (default: all).
         weighting: `"uniform"` or `"balance"`, see above.
-        validate_args: check that valid features are finite and valid phase ids in range (one
-            host sync).
+        num_groups: the number of groups $G$ when `group` holds dense ids in `[0, G)`; skips
+            `torch.unique` (and its host sync). `group_scores` then has exactly `G` rows, row
+            `g` for id `g` (a group with no rollout is simply undefined).
+        validate_args: check that valid features are finite, valid phase ids in range and (with
+            `num_groups`) group ids in range (one host sync).
 
     Returns:
         A `PhaseVariance` with float32 `scores` `(phase,)`, bool `defined` `(phase,)`, float32
@@ -108,10 +119,11 @@ def success_failure_variance(
 
     Raises:
         TypeError: if `features` is not floating point, `phases`/`group` not integer, `success`
-            or `valid` not bool, or `num_phases` not an int.
+            or `valid` not bool, or `num_phases`/`num_groups` not an int.
         ValueError: if a shape or device disagrees, `features` has fewer than 2 dimensions or no
-            feature coordinate, `num_phases` is not positive, `weighting` is unknown, or (with
-            `validate_args`) a valid feature is NaN/Inf or a valid phase id is out of range.
+            feature coordinate, `num_phases`/`num_groups` is not positive, `weighting` is
+            unknown, or (with `validate_args`) a valid feature is NaN/Inf, a valid phase id or
+            (with `num_groups`) a group id is out of range.
 
     Examples:
         >>> import torch
@@ -122,13 +134,42 @@ def success_failure_variance(
         >>> out.scores.tolist(), out.defined.tolist()
         ([0.0, 4.0, 0.0], [True, True, False])
     """
-    check_tensor(features, "features", dtypes="float")
-    check_min_ndim(features, "features", 2)
+    return _success_failure_variance(
+        features,
+        phases,
+        success,
+        group,
+        num_phases=num_phases,
+        valid=valid,
+        weighting=weighting,
+        num_groups=num_groups,
+        validate_args=validate_args,
+        features_name="features",
+    )
+
+
+def _success_failure_variance(
+    features: Tensor,
+    phases: Tensor,
+    success: Tensor,
+    group: Tensor,
+    *,
+    num_phases: int,
+    valid: Tensor | None,
+    weighting: str,
+    num_groups: int | None,
+    validate_args: bool,
+    features_name: str,
+) -> PhaseVariance:
+    """`success_failure_variance`, with errors naming `features` as the caller called it."""
+    fname = features_name
+    check_tensor(features, fname, dtypes="float")
+    check_min_ndim(features, fname, 2)
     check_tensor(phases, "phases", ndim=2, dtypes="int")
     if phases.shape != features.shape[:2]:
         raise ValueError(
             f"`phases` must have shape {tuple(features.shape[:2])} (the first two sizes of "
-            f"`features`), got {tuple(phases.shape)}."
+            f"`{fname}`), got {tuple(phases.shape)}."
         )
     n_traj, n_chunk = features.shape[:2]
     check_tensor(success, "success", ndim=1, dtypes="bool")
@@ -136,33 +177,48 @@ def success_failure_variance(
     check_tensor(group, "group", ndim=1, dtypes="int")
     check_shape(group, "group", (n_traj,))
     for x, name in ((phases, "phases"), (success, "success"), (group, "group")):
-        check_same_device(x, name, features, "features")
+        check_same_device(x, name, features, fname)
     num_phases = check_positive_int(num_phases, "num_phases")
+    if num_groups is not None:
+        num_groups = check_positive_int(num_groups, "num_groups")
     check_option(weighting, "weighting", ("uniform", "balance"))
-    valid = resolve_valid(valid, features, ref_name="features")
+    valid = resolve_valid(valid, features, ref_name=fname)
     dim = 1
     for size in features.shape[2:]:
         dim *= int(size)
     x = features.reshape(n_traj, n_chunk, dim)
     if dim == 0:
         raise ValueError(
-            f"`features` must have at least one feature coordinate, got shape "
+            f"`{fname}` must have at least one feature coordinate, got shape "
             f"{tuple(features.shape)}."
         )
     if validate_args:
-        check_finite(x, "features", where=valid[:, :, None])
+        check_finite(x, fname, where=valid[:, :, None])
         bad = valid & ((phases < 0) | (phases >= num_phases))
         if bool(bad.any()):
             raise ValueError(
                 f"`phases` must lie in [0, {num_phases}) (`num_phases`) at valid chunks, got "
                 f"{sorted(set(phases[bad].tolist()))}."
             )
+        if num_groups is not None and n_traj:
+            low, high = int(group.min()), int(group.max())
+            if low < 0 or high >= num_groups:
+                raise ValueError(
+                    f"`group` must hold ids in [0, {num_groups}) (`num_groups`), got values in "
+                    f"[{low}, {high}]."
+                )
     device = features.device
-    labels, group_index = torch.unique(group, return_inverse=True)
-    n_group = labels.shape[0]
+    if num_groups is None:
+        labels, group_index = torch.unique(group, return_inverse=True)
+        n_group = labels.shape[0]
+        in_range = torch.ones(n_traj, dtype=torch.bool, device=device)
+    else:
+        n_group = num_groups
+        in_range = (group >= 0) & (group < num_groups)
+        group_index = torch.where(in_range, group, 0).to(torch.int64)
     n_key = n_group * num_phases * 2
 
-    use = valid & (phases >= 0) & (phases < num_phases)
+    use = valid & (phases >= 0) & (phases < num_phases) & in_range[:, None]
     key = (group_index[:, None] * num_phases + phases.clamp(0, num_phases - 1)) * 2
     key = key + success[:, None].to(torch.int64)
     key = torch.where(use, key, n_key).reshape(-1)  # unused chunks go to a spare slot
@@ -183,9 +239,9 @@ def success_failure_variance(
         weight = torch.ones(n_group, dtype=torch.float64, device=device)
     else:
         size = torch.zeros(n_group, dtype=torch.float64, device=device)
-        size.index_add_(0, group_index, torch.ones(n_traj, dtype=torch.float64, device=device))
+        size.index_add_(0, group_index, in_range.to(torch.float64))
         wins = torch.zeros(n_group, dtype=torch.float64, device=device)
-        wins.index_add_(0, group_index, success.to(torch.float64))
+        wins.index_add_(0, group_index, (success & in_range).to(torch.float64))
         rate = wins / size.clamp_min(1)
         weight = rate * (1 - rate)
     w = torch.where(group_defined, weight[:, None], 0.0)
@@ -242,7 +298,8 @@ class PhaseScoreBuffer:
         process_group: a `torch.distributed` process group to synchronise over, or None.
 
     Raises:
-        TypeError: if `num_phases` or `refresh_every` is not an int.
+        TypeError: if `num_phases` or `refresh_every` is not an int, `power` not a number, or
+            `process_group` neither None nor a `torch.distributed.ProcessGroup`.
         ValueError: if `num_phases` or `refresh_every` is not positive, `p_min` is outside
             (0, 1] or `power` is not a positive finite number.
 
@@ -267,12 +324,8 @@ class PhaseScoreBuffer:
         self.num_phases = check_positive_int(num_phases, "num_phases")
         self.refresh_every = check_positive_int(refresh_every, "refresh_every")
         self.p_min = check_probability(p_min, "p_min")
-        if isinstance(power, bool) or not isinstance(power, (int, float)):
-            raise TypeError(f"`power` must be a real number, got {type(power).__name__}.")
-        if not (0 < power < float("inf")):
-            raise ValueError(f"`power` must be a positive finite number, got {power!r}.")
-        self.power = float(power)
-        self.process_group = process_group
+        self.power = check_power(power, "power")
+        self.process_group = check_process_group(process_group, "process_group")
         self.reset()
 
     def reset(self) -> None:
@@ -331,24 +384,15 @@ class PhaseScoreBuffer:
         c = self.num_phases
         check_tensor(scores, "scores", ndim=1, dtypes="float")
         check_shape(scores, "scores", (c,))
-        if defined is None:
-            defined = torch.ones(c, dtype=torch.bool, device=scores.device)
-        check_tensor(defined, "defined", ndim=1, dtypes="bool")
-        check_same_shape(defined, "defined", scores, "scores")
-        check_same_device(defined, "defined", scores, "scores")
+        defined = resolve_mask(defined, "defined", scores, "scores")
         if weight is not None:
             check_tensor(weight, "weight", ndim=1, dtypes="float")
             check_same_shape(weight, "weight", scores, "scores")
             check_same_device(weight, "weight", scores, "scores")
         if validate_args:
-            bad = defined & ~(torch.isfinite(scores) & (scores >= 0))
-            if bool(bad.any()):
-                raise ValueError(
-                    f"`scores` must be finite and non-negative at defined phases, got "
-                    f"{int(bad.sum())} bad value(s)."
-                )
-            if weight is not None and bool((~(torch.isfinite(weight) & (weight >= 0))).any()):
-                raise ValueError("`weight` must be finite and non-negative.")
+            check_finite_nonnegative(scores, "scores", defined, " at defined phases")
+            if weight is not None:
+                check_finite_nonnegative(weight, "weight")
         self._to(scores.device)
 
         w = torch.ones(c, dtype=torch.float64, device=scores.device)
@@ -384,7 +428,7 @@ class PhaseScoreBuffer:
 
     def _map(self, scores: Tensor, defined: Tensor) -> Tensor:
         p = keep_probabilities(
-            scores, defined, floor=self.p_min, power=self.power, validate_args=False
+            scores, defined, p_min=self.p_min, power=self.power, validate_args=False
         )
         return p.to(torch.float32)
 
@@ -402,10 +446,14 @@ class PhaseScoreBuffer:
         """Restore a state from `state_dict`.
 
         Raises:
-            ValueError: if a key is missing or unexpected, a tensor has the wrong shape, or a
-                counter is not a non-negative int.
-            TypeError: if a tensor entry is not a tensor.
+            ValueError: if a key is missing or unexpected, a tensor has the wrong shape or holds
+                a NaN/Inf or negative value, a keep probability lies outside (0, 1], or a counter
+                is not a non-negative int or is inconsistent with the others.
+            TypeError: if `state` is not a mapping, a tensor entry is not a tensor of the right
+                dtype kind, or a counter is not an int.
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"`state` must be a mapping, got {type(state).__name__}.")
         missing = [k for k in _STATE_KEYS if k not in state]
         extra = [k for k in state if k not in _STATE_KEYS]
         if missing or extra:
@@ -414,17 +462,34 @@ class PhaseScoreBuffer:
             )
         c = self.num_phases
         tensors = {}
-        for key in ("keep_probabilities", "window_sum", "window_count"):
-            value = state[key]
-            check_tensor(value, f"state['{key}']")
-            check_shape(value, f"state['{key}']", (c,))
+        kinds = {"keep_probabilities": "float", "window_sum": "float", "window_count": "int"}
+        for key, kind in kinds.items():
+            name = f"state['{key}']"
+            value = check_tensor(state[key], name, ndim=1, dtypes=kind)
+            check_shape(value, name, (c,))
+            check_finite_nonnegative(value, name)
             tensors[key] = value
+        keep = tensors["keep_probabilities"]
+        if bool(((keep <= 0) | (keep > 1)).any()):
+            raise ValueError(
+                f"`state['keep_probabilities']` must lie in (0, 1], got {keep.tolist()}."
+            )
         window_steps = check_positive_int(
             state["window_steps"], "state['window_steps']", allow_zero=True
         )
         num_updates = check_positive_int(
             state["num_updates"], "state['num_updates']", allow_zero=True
         )
+        if window_steps > num_updates:
+            raise ValueError(
+                f"`state['window_steps']` must be at most `state['num_updates']` ({num_updates}), "
+                f"got {window_steps}."
+            )
+        if bool((tensors["window_count"] > window_steps).any()):
+            raise ValueError(
+                f"`state['window_count']` must be at most `state['window_steps']` "
+                f"({window_steps}), got {tensors['window_count'].tolist()}."
+            )
         device = self._keep.device
         self._keep = tensors["keep_probabilities"].to(device=device, dtype=torch.float32).clone()
         self._window_sum = tensors["window_sum"].to(device=device, dtype=torch.float64).clone()

@@ -6,6 +6,7 @@ selected slots: trajectory 0's selected chunks in ascending chunk order, then tr
 so on. A packed batch has `M = selection.counts.sum()` items.
 """
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -52,6 +53,189 @@ class Selection(NamedTuple):
         """Total number of selected chunks `M` as a Python int (one host sync)."""
         return int(self.mask.sum())
 
+    def check(self, name: str = "selection", *, values: bool = True) -> "Selection":
+        """Check the layout invariants of a (possibly hand-built) selection; return it.
+
+        Metadata (types, dtypes, shapes, devices) always; with `values` also the contents (one
+        host sync): every valid slot holds a chunk in `[0, chunks_total)`, valid slots form a
+        prefix of each row in strictly ascending chunk order, and `num_chunks` lies in
+        `[0, chunks_total]`.
+
+        Args:
+            name: the argument name to report in errors.
+            values: also check the contents.
+
+        Raises:
+            TypeError: if a field has the wrong type or dtype.
+            ValueError: if a shape, device or (with `values`) a value breaks the invariants.
+        """
+        if not isinstance(self, Selection):
+            raise TypeError(f"`{name}` must be a chunkmask.Selection, got {type(self).__name__}.")
+        check_tensor(self.indices, f"{name}.indices", ndim=2, dtypes=(torch.int64,))
+        check_tensor(self.mask, f"{name}.mask", ndim=2, dtypes="bool")
+        check_tensor(self.num_chunks, f"{name}.num_chunks", ndim=1, dtypes="int")
+        check_positive_int(self.chunks_total, f"{name}.chunks_total", allow_zero=True)
+        if self.mask.shape != self.indices.shape:
+            raise ValueError(
+                f"`{name}.mask` must have the shape of `{name}.indices` "
+                f"{tuple(self.indices.shape)}, got {tuple(self.mask.shape)}."
+            )
+        if self.num_chunks.shape[0] != self.indices.shape[0]:
+            raise ValueError(
+                f"`{name}.num_chunks` must have shape ({self.indices.shape[0]},), got "
+                f"{tuple(self.num_chunks.shape)}."
+            )
+        check_same_device(self.mask, f"{name}.mask", self.indices, f"{name}.indices")
+        check_same_device(self.num_chunks, f"{name}.num_chunks", self.indices, f"{name}.indices")
+        if not values or self.indices.numel() == 0:
+            return self
+        n = self.chunks_total
+        out = self.mask & ((self.indices < 0) | (self.indices >= n))
+        if bool(out.any()):
+            raise ValueError(
+                f"`{name}.indices` must lie in [0, {n}) (`chunks_total`) at selected slots, got "
+                f"{self.indices[out].tolist()[:5]}."
+            )
+        if bool((self.mask[:, 1:] & ~self.mask[:, :-1]).any()):
+            raise ValueError(f"`{name}.mask` must be a prefix of Trues in every row.")
+        rising = self.indices[:, 1:] > self.indices[:, :-1]
+        if bool((self.mask[:, 1:] & ~rising).any()):
+            raise ValueError(
+                f"`{name}.indices` must be strictly ascending over the selected slots of a row."
+            )
+        if bool(((self.num_chunks < 0) | (self.num_chunks > n)).any()):
+            raise ValueError(
+                f"`{name}.num_chunks` must lie in [0, {n}], got {self.num_chunks.tolist()[:5]}."
+            )
+        return self
+
+    def _size(self, size: int | None) -> int:
+        if size is None:
+            return self.num_selected()
+        return check_positive_int(size, "size", allow_zero=True)
+
+    def rows(self, index: "int | slice | Tensor", *, validate_args: bool = True) -> "Selection":
+        """The selection of some trajectories only: `index` picks rows, as `x[index]` would.
+
+        `Selection` is a `NamedTuple`, so `sel[i]` keeps its tuple meaning (the `i`-th field);
+        row indexing is this method instead.
+
+        Args:
+            index: an int in `[0, traj)` (a one-row selection), a slice (Python semantics, step
+                >= 1), a `(traj,)` bool mask, or a 1-D integer tensor of row numbers in
+                `[0, traj)` (repeats allowed).
+            validate_args: check that an index tensor holds no out-of-range row (one host sync).
+
+        Returns:
+            A `Selection` of the chosen trajectories, with the same `k` and `chunks_total`.
+
+        Raises:
+            TypeError: if `index` is none of the above (a bool, float or float tensor).
+            ValueError: if an int or tensor index is negative or `>= traj`, a bool mask has
+                another length, or a slice step is not positive.
+
+        Examples:
+            >>> import torch
+            >>> sel = Selection.from_mask(torch.tensor([[True, False], [False, True], [True, True]]))
+            >>> sel.rows(torch.tensor([2, 0])).indices.tolist(), sel.rows(1).counts.tolist()
+            ([[0, 1], [0, 0]], [1])
+        """
+        num_traj = self.num_traj
+        if isinstance(index, slice):
+            for part in ("start", "stop", "step"):
+                value = getattr(index, part)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                    raise TypeError(
+                        f"`index` slice {part} must be an int or None, got "
+                        f"{type(value).__name__} {value!r}."
+                    )
+            if index.step is not None and index.step <= 0:
+                raise ValueError(f"`index` slice step must be >= 1, got {index.step}.")
+            pick = index
+        elif isinstance(index, Tensor):
+            if index.dtype == torch.bool:
+                check_tensor(index, "index", ndim=1)
+                if index.shape[0] != num_traj:
+                    raise ValueError(
+                        f"`index` bool mask must have shape ({num_traj},) (one entry per "
+                        f"trajectory), got {tuple(index.shape)}."
+                    )
+            else:
+                check_tensor(index, "index", ndim=1, dtypes="int")
+                if validate_args and index.numel():
+                    low, high = int(index.min()), int(index.max())
+                    if low < 0 or high >= num_traj:
+                        raise ValueError(
+                            f"`index` must hold rows in [0, {num_traj}), got values in "
+                            f"[{low}, {high}]."
+                        )
+            check_same_device(index, "index", self.indices, "selection")
+            pick = index.to(torch.int64) if index.dtype != torch.bool else index
+        else:
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise TypeError(
+                    f"`index` must be an int, a slice, a bool mask or an integer tensor, got "
+                    f"{type(index).__name__} {index!r}."
+                )
+            if not 0 <= index < num_traj:
+                raise ValueError(f"`index` must lie in [0, {num_traj}), got {index}.")
+            pick = slice(index, index + 1)
+        return Selection(
+            self.indices[pick], self.mask[pick], self.num_chunks[pick], self.chunks_total
+        )
+
+    @staticmethod
+    def cat(selections: "Sequence[Selection]") -> "Selection":
+        """Concatenate selections along the trajectory axis (e.g. data-parallel shards).
+
+        The packed order of the result is the packed order of each input in turn, so a packed
+        tensor of the union is `torch.cat` of the inputs' packed tensors.
+
+        Args:
+            selections: a non-empty list or tuple of `Selection`s with equal `k`, `chunks_total`
+                and device.
+
+        Returns:
+            One `Selection` holding every trajectory, in input order.
+
+        Raises:
+            TypeError: if `selections` is not a list or tuple of `Selection`s.
+            ValueError: if it is empty or the selections differ in `k`, `chunks_total` or device.
+
+        Examples:
+            >>> import torch
+            >>> a = Selection.from_mask(torch.tensor([[True, False]]))
+            >>> b = Selection.from_mask(torch.tensor([[False, True], [True, True]]))
+            >>> Selection.cat([a, b]).flat_index().tolist()
+            [0, 3, 4, 5]
+        """
+        if isinstance(selections, Selection) or not isinstance(selections, (list, tuple)):
+            raise TypeError(
+                f"`selections` must be a list or tuple of Selection, got "
+                f"{type(selections).__name__}."
+            )
+        if not selections:
+            raise ValueError("`selections` must hold at least one Selection, got none.")
+        first = selections[0]
+        for i, sel in enumerate(selections):
+            if not isinstance(sel, Selection):
+                raise TypeError(
+                    f"`selections[{i}]` must be a Selection, got {type(sel).__name__}."
+                )
+            if sel.k != first.k or sel.chunks_total != first.chunks_total:
+                raise ValueError(
+                    f"`selections[{i}]` must have the k and chunks_total of `selections[0]` "
+                    f"(k={first.k}, chunks_total={first.chunks_total}), got k={sel.k}, "
+                    f"chunks_total={sel.chunks_total}."
+                )
+            check_same_device(sel.indices, f"selections[{i}]", first.indices, "selections[0]")
+        return Selection(
+            torch.cat([s.indices for s in selections]),
+            torch.cat([s.mask for s in selections]),
+            torch.cat([s.num_chunks for s in selections]),
+            first.chunks_total,
+        )
+
     def packed_traj_index(self, size: int | None = None) -> Int64[Tensor, " packed"]:
         """Trajectory id of each packed item, `(M,)`.
 
@@ -59,16 +243,18 @@ class Selection(NamedTuple):
             size: `M`, the number of packed items. Passing it (for example `logp.shape[0]` of an
                 already packed tensor) avoids a host sync; when None it is read from the mask.
         """
-        if size is None:
-            size = self.num_selected()
+        size = self._size(size)
         ends = torch.cumsum(self.counts, dim=0)
         position = torch.arange(size, device=self.indices.device)
         return torch.searchsorted(ends, position, right=True).clamp_max(max(self.num_traj - 1, 0))
 
     def packed_slot_index(self, size: int | None = None) -> tuple[Tensor, Tensor]:
-        """`(traj, slot)` coordinates of each packed item, each `(M,)` int64."""
-        if size is None:
-            size = self.num_selected()
+        """`(traj, slot)` coordinates of each packed item, each `(M,)` int64.
+
+        Args:
+            size: `M`, as for `packed_traj_index`.
+        """
+        size = self._size(size)
         counts = self.counts
         ends = torch.cumsum(counts, dim=0)
         position = torch.arange(size, device=self.indices.device)

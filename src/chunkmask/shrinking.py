@@ -40,12 +40,12 @@ def _map_tree(fn: Callable[[Tensor, str], Any], tree: Any, path: str) -> Any:
     return tree
 
 
-def _check_selection(selection: Any) -> Selection:
+def _check_selection(selection: Any, validate_args: bool) -> Selection:
     if not isinstance(selection, Selection):
         raise TypeError(
             f"`selection` must be a chunkmask.Selection, got {type(selection).__name__}."
         )
-    return selection
+    return selection.check("selection", values=validate_args)
 
 
 def shrink(
@@ -78,15 +78,17 @@ def shrink(
         selection: the `Selection` to apply.
         size: the number of selected chunks `M`, if known. Passing it avoids the one host sync
             that reading `M` from the selection costs (with `validate_args=False`).
-        validate_args: check `size` against the selection (one host sync).
+        validate_args: check `size` and the selection's invariants (`Selection.check`; one host
+            sync).
 
     Returns:
         The same structure with each tensor leaf packed to `(M, ...)`.
 
     Raises:
-        TypeError: if `selection` is not a `Selection`.
-        ValueError: if a tensor leaf's leading sizes are neither `(traj, N)` nor `(traj,)`, or
-            `size` disagrees with the selection.
+        TypeError: if `selection` is not a `Selection` or `size` not an int.
+        ValueError: if a tensor leaf's leading sizes are neither `(traj, N)` nor `(traj,)`,
+            `size` is negative or disagrees with the selection, or (with `validate_args`) the
+            selection breaks its invariants (e.g. a hand-built index outside `[0, N)`).
 
     Examples:
         >>> import torch
@@ -97,7 +99,7 @@ def shrink(
         >>> batch["obs"].tolist(), batch["adv"].tolist()
         ([1.0, 2.0, 3.0], [1.0, 1.0, -1.0])
     """
-    selection = _check_selection(selection)
+    selection = _check_selection(selection, validate_args)
     if size is not None:
         size = check_positive_int(size, "size", allow_zero=True)
         if validate_args and size != selection.num_selected():
@@ -141,14 +143,16 @@ def unshrink(
         tree: a pytree of packed tensors shaped `(M, ...)`, in the packed order of `selection`.
         selection: the `Selection` that produced the packing.
         fill: the value of unselected positions (cast to each leaf's dtype).
-        validate_args: check each leaf's `M` against the selection (one host sync).
+        validate_args: check each leaf's `M` and the selection's invariants (`Selection.check`;
+            one host sync).
 
     Returns:
         The same structure with each tensor leaf shaped `(traj, N, ...)`.
 
     Raises:
         TypeError: if `selection` is not a `Selection`.
-        ValueError: if a leaf is 0-d or its first size is not the number of selected chunks.
+        ValueError: if a leaf is 0-d or its first size is not the number of selected chunks, or
+            (with `validate_args`) the selection breaks its invariants.
 
     Examples:
         >>> import torch
@@ -157,7 +161,9 @@ def unshrink(
         >>> unshrink(torch.tensor([1.0, 2.0, 3.0]), sel, fill=-1.0).tolist()
         [[-1.0, 1.0, 2.0], [3.0, -1.0, -1.0]]
     """
-    selection = _check_selection(selection)
+    selection = _check_selection(selection, validate_args)
+    if isinstance(fill, Tensor) or not isinstance(fill, (bool, int, float)):
+        raise TypeError(f"`fill` must be a Python bool, int or float, got {type(fill).__name__}.")
     expected = selection.num_selected() if validate_args else None
 
     def scatter(x: Tensor, path: str) -> Tensor:

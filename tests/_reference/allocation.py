@@ -3,7 +3,7 @@
 import itertools
 
 
-def keep_probabilities_reference(scores, defined, floor=0.1, power=1.0):
+def keep_probabilities_reference(scores, defined, p_min=0.1, power=1.0):
     """Eq. 8-9 for one row of phases, written out step by step."""
     idx = [c for c in range(len(scores)) if defined[c]]
     total = sum(float(scores[c]) for c in idx)
@@ -14,9 +14,9 @@ def keep_probabilities_reference(scores, defined, floor=0.1, power=1.0):
     out = []
     for c in range(len(scores)):
         if c in share:
-            out.append(max(floor, (share[c] / top) ** power))  # Eq. 9
+            out.append(max(p_min, (share[c] / top) ** power))  # Eq. 9
         else:
-            out.append(floor)
+            out.append(p_min)
     return out
 
 

@@ -7,10 +7,11 @@ import numpy as np
 APPROACH, PRE_GRASP, ACTIVE_GRIP, RELEASE_RAMP, TAIL, PAD = 0, 1, 2, 3, 4, -1
 
 
-def close_fraction_ref(gripper, valid=None, close="positive", threshold=None):
+def close_fraction_ref(gripper, valid=None, close="positive", close_threshold=None):
     g = np.asarray(gripper, dtype=np.float64)
     n_traj, n_chunk, n_step = g.shape
     valid = np.ones((n_traj, n_chunk), bool) if valid is None else np.asarray(valid, bool)
+    threshold = close_threshold
     if threshold is None:
         threshold = {"positive": 0.0, "zero": 0.5, "negative": 0.0}[close]
     out = np.zeros((n_traj, n_chunk))

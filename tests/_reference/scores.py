@@ -50,7 +50,7 @@ def success_failure_variance_ref(
     return scores, defined, gs, gd
 
 
-def keep_probabilities_ref(scores, defined, floor, power):
+def keep_probabilities_ref(scores, defined, p_min, power):
     """Eq. 8-9 by loops; no information (nothing defined or all zero) -> all ones."""
     c = len(scores)
     total = sum(scores[j] for j in range(c) if defined[j])
@@ -60,7 +60,7 @@ def keep_probabilities_ref(scores, defined, floor, power):
     top = max(share[j] for j in range(c) if defined[j])
     out = np.empty(c)
     for j in range(c):
-        out[j] = max(floor, (share[j] / top) ** power) if defined[j] else floor
+        out[j] = max(p_min, (share[j] / top) ** power) if defined[j] else p_min
     return out
 
 
