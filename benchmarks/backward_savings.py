@@ -19,228 +19,27 @@ Run `python benchmarks/backward_savings.py --help` for the options; the docs pag
 """
 
 import argparse
-import contextlib
-import datetime
-import json
-import platform
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-from chunkmask.advantages import group_relative_advantages
-from chunkmask.losses import masked_grpo_loss
-from chunkmask.masker import ProbabilisticChunkMasker
-from chunkmask.profiling import CudaPeakMemory, SavedTensorCounter, count_flops, time_function
-from chunkmask.selection import Selection
-from chunkmask.shrinking import shrink
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _policy import (  # noqa: E402
-    PRESETS,
-    ChunkPolicy,
-    PolicyConfig,
-    behaviour_log_probs,
+from _harness import (
+    Setup,
+    base_parser,
+    emit,
     get_config,
-    make_rollouts,
+    metadata,
+    parse,
+    torch_device,
     trainable_parameters,
 )
 
+from chunkmask import CudaPeakMemory, SavedTensorCounter, count_flops, time_function
+
 DEFAULT_BUDGETS = {"tiny": (2, 4)}  # every other preset: (8, 12, 16)
 MASK_ONLY_BUDGET = {"tiny": 4}  # every other preset: 12
-
-
-# ------------------------------------------------------------------------------------------
-# A minimal actor trainer: micro-batches of whole trajectories, at most `micro_batch_chunks`
-# chunks each, gradient accumulation, one optimizer step.
-# ------------------------------------------------------------------------------------------
-
-
-def plan_micro_batches(
-    counts: list[int], micro_batch_chunks: int
-) -> list[tuple[int, int, int, int]]:
-    """Group consecutive trajectories into micro-batches of at most `micro_batch_chunks` chunks.
-
-    Returns `(traj_start, traj_stop, row_start, row_stop)` per micro-batch, rows being packed
-    chunks. A trajectory longer than the limit gets a micro-batch of its own.
-    """
-    plan, t0, r0, rows = [], 0, 0, 0
-    for t, c in enumerate(counts):
-        if rows and rows + c > micro_batch_chunks:
-            plan.append((t0, t, r0, r0 + rows))
-            t0, r0, rows = t, r0 + rows, 0
-        rows += c
-    if rows or t0 < len(counts):
-        plan.append((t0, len(counts), r0, r0 + rows))
-    return plan
-
-
-def slice_selection(selection: Selection, start: int, stop: int) -> Selection:
-    """The selection of trajectories `start:stop` (their packed rows are contiguous)."""
-    return Selection(
-        selection.indices[start:stop],
-        selection.mask[start:stop],
-        selection.num_chunks[start:stop],
-        selection.chunks_total,
-    )
-
-
-class ActorTrainer:
-    """Forward/backward in micro-batches with the masked GRPO loss, then one AdamW step.
-
-    The per-micro-batch loss is scaled by its share of trajectories, so the accumulated gradient
-    equals that of the `seq-mean-token-mean` loss over the whole (packed) batch.
-    """
-
-    def __init__(
-        self,
-        policy: ChunkPolicy,
-        *,
-        micro_batch_chunks: int,
-        lr: float = 1e-5,
-        autocast_dtype: torch.dtype | None = None,
-    ) -> None:
-        self.policy = policy
-        self.micro_batch_chunks = micro_batch_chunks
-        self.optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=lr, foreach=True)
-        self.autocast_dtype = autocast_dtype
-        self.device_type = next(policy.parameters()).device.type
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
-
-    def update(
-        self,
-        batch: dict[str, torch.Tensor],
-        selection: Selection,
-        counts: list[int],
-        mask: torch.Tensor | None = None,
-    ) -> int:
-        """One actor update on a packed batch; returns the number of micro-batches."""
-        num_micro_batches = self.accumulate(batch, selection, counts, mask)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return num_micro_batches
-
-    def accumulate(
-        self,
-        batch: dict[str, torch.Tensor],
-        selection: Selection,
-        counts: list[int],
-        mask: torch.Tensor | None = None,
-    ) -> int:
-        """Forward and backward over the micro-batches, accumulating gradients (no step)."""
-        plan = plan_micro_batches(counts, self.micro_batch_chunks)
-        num_traj = len(counts)
-        for t0, t1, r0, r1 in plan:
-            with self._autocast():
-                logp = self.policy.log_prob(batch["obs"][r0:r1], batch["tokens"][r0:r1])
-            out = masked_grpo_loss(
-                logp,
-                batch["old_logp"][r0:r1],
-                batch["adv"][r0:r1],
-                slice_selection(selection, t0, t1),
-                None if mask is None else mask[r0:r1],
-            )
-            (out.loss * ((t1 - t0) / num_traj)).backward()
-        return len(plan)
-
-
-# ------------------------------------------------------------------------------------------
-# The configurations
-# ------------------------------------------------------------------------------------------
-
-
-class Setup:
-    """The policy, the rollout batch and one update function per configuration."""
-
-    def __init__(self, cfg: PolicyConfig, *, device: torch.device, dtype: str, seed: int) -> None:
-        torch.manual_seed(seed)
-        self.cfg = cfg
-        self.device = device
-        self.policy = ChunkPolicy(cfg).to(device)
-        autocast = torch.bfloat16 if dtype == "bfloat16" else None
-        self.trainer = ActorTrainer(
-            self.policy, micro_batch_chunks=cfg.micro_batch_chunks, autocast_dtype=autocast
-        )
-        data = make_rollouts(cfg, seed=seed, device=device)
-        self.data = data
-        with self.trainer._autocast():
-            old_logp = behaviour_log_probs(
-                self.policy, data["obs"], data["tokens"], cfg.micro_batch_chunks
-            ).float()
-        self.adv = group_relative_advantages(data["rewards"], data["group"])
-        self.per_chunk = {
-            "obs": data["obs"],
-            "tokens": data["tokens"],
-            "old_logp": old_logp,
-            "adv": self.adv,
-        }
-        t_, n = cfg.num_traj, cfg.num_chunks
-        # Every chunk is valid, so the packed full batch is the row-major flattening: no gather.
-        self.full_batch = {
-            "obs": data["obs"].flatten(0, 1),
-            "tokens": data["tokens"].flatten(0, 1),
-            "old_logp": old_logp.flatten(0, 1),
-            "adv": self.adv[:, None].expand(t_, n).reshape(-1),
-        }
-        self.seed = seed
-
-    def masker(self, budget: int) -> ProbabilisticChunkMasker:
-        return ProbabilisticChunkMasker(budget, seed=self.seed)
-
-    def select(self, masker: ProbabilisticChunkMasker) -> Selection:
-        d = self.data
-        selection, _ = masker.select(
-            actions=d["actions"], success=d["success"], group=d["group"], valid=d["valid"]
-        )
-        return selection
-
-    # -- update functions; each returns the number of chunks forwarded and of micro-batches --
-
-    def full_update(self) -> tuple[int, int]:
-        selection = Selection.from_mask(self.data["valid"])
-        counts = selection.counts.tolist()
-        return sum(counts), self.trainer.update(self.full_batch, selection, counts)
-
-    def pcm_update_fn(self, budget: int) -> tuple[Callable[[], tuple[int, int]], Callable[[], Any]]:
-        masker = self.masker(budget)
-
-        def select_and_shrink() -> tuple[dict[str, torch.Tensor], Selection, list[int]]:
-            selection = self.select(masker)
-            counts = selection.counts.tolist()  # the one host sync: sizes the micro-batches
-            batch = shrink(self.per_chunk, selection, size=sum(counts), validate_args=False)
-            return batch, selection, counts
-
-        def update() -> tuple[int, int]:
-            batch, selection, counts = select_and_shrink()
-            return sum(counts), self.trainer.update(batch, selection, counts)
-
-        return update, select_and_shrink
-
-    def mask_only_update_fn(
-        self, budget: int
-    ) -> tuple[Callable[[], tuple[int, int]], Callable[[], Any]]:
-        masker = self.masker(budget)
-        k = self.cfg.tokens_per_chunk
-
-        def select_mask() -> tuple[torch.Tensor, Selection, list[int]]:
-            chosen = self.select(masker).chunk_mask()
-            token_mask = chosen.reshape(-1, 1).expand(-1, k)
-            full = Selection.from_mask(self.data["valid"])
-            return token_mask, full, full.counts.tolist()
-
-        def update() -> tuple[int, int]:
-            token_mask, full, counts = select_mask()
-            return sum(counts), self.trainer.update(self.full_batch, full, counts, mask=token_mask)
-
-        return update, select_mask
 
 
 # ------------------------------------------------------------------------------------------
@@ -255,9 +54,7 @@ def _ratio(x: float | int | None, ref: float | int | None) -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = torch_device(args)
     cfg = get_config(
         args.preset,
         lora_rank=args.lora_rank if args.lora else None,
@@ -373,26 +170,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "cuda_peak_increase_bytes": c["cuda_peak_increase_bytes"],
             }
         )
-    meta = {
-        "benchmark": "backward_savings",
-        "torch_version": torch.__version__,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "dtype": args.dtype,
-        "preset": args.preset,
-        "lora": bool(args.lora),
-        "repeats": args.repeats,
-        "optimizer_step_time_s": optimizer_step_s,
-        "config": cfg.to_dict(),
-        "trainable_parameters": sum(p.numel() for p in trainable_parameters(setup.policy)),
-        "parameters": sum(p.numel() for p in setup.policy.parameters()),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "argv": list(args.argv),
-    }
+    meta = metadata(
+        "backward_savings",
+        args,
+        device,
+        cfg,
+        lora=bool(args.lora),
+        repeats=args.repeats,
+        optimizer_step_time_s=optimizer_step_s,
+        trainable_parameters=sum(p.numel() for p in trainable_parameters(setup.policy)),
+        parameters=sum(p.numel() for p in setup.policy.parameters()),
+    )
     return {"meta": meta, "records": records}
 
 
@@ -426,15 +214,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="bfloat16 runs the forward under autocast",
-    )
+    p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--lora", action="store_true", help="frozen base + trainable LoRA adapters")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument(
@@ -457,36 +237,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="timed updates per configuration (default: 5, 1 for tiny)",
     )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch.set_num_threads (default 1; 0 keeps torch's default)",
-    )
-    p.add_argument("--num-traj", type=int, default=None)
-    p.add_argument("--num-chunks", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None, help="chunks per micro-batch")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--depth", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     p.add_argument("--verbose", action="store_true")
-    args = p.parse_args(argv)
+    args = parse(p, argv)
     if args.repeats is None:
         args.repeats = 1 if args.preset == "tiny" else 5
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
-    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args)
-    print(format_table(result))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    emit(result, format_table(result), args.out)
     return result
 
 

@@ -1,9 +1,12 @@
 """Results driver for `examples/metaworld_chunked_ppo.py`: tasks x seeds x variants, then a summary.
 
-Runs are resumable: each (task, seed) keeps its SFT checkpoint and one JSON per finished variant
-under ``--out`` (default ``runs/chunked_ppo``, git-ignored); finished pieces are skipped. ``--shard
-i/n`` runs every n-th (task, seed) pair so that several processes can share the work.
-``--aggregate`` reads whatever has finished and writes ``docs/chunked_ppo.json`` and
+Each (task, seed) runs the example as its own process, `python examples/metaworld_chunked_ppo.py
+--task T --seed S --out OUT ...`: the example is the single runner and this script only schedules
+it and aggregates the files it writes (nothing here imports the example). Runs are resumable: the
+example keeps each (task, seed)'s SFT checkpoint and one JSON per finished variant under
+``OUT/<task>/seed<k>/`` (default ``--out runs/chunked_ppo``, git-ignored) and skips finished
+pieces. ``--shard i/n`` runs every n-th (task, seed) pair so that several processes can share the
+work. ``--aggregate`` reads whatever has finished and writes ``docs/chunked_ppo.json`` and
 ``docs/img/chunked_ppo_<task>.png`` and prints the Markdown table of ``docs/chunked_ppo.md``.
 
     python benchmarks/run_chunked_ppo.py --tasks pick-place-v3 drawer-close-v3 window-open-v3 \
@@ -12,36 +15,66 @@ i/n`` runs every n-th (task, seed) pair so that several processes can share the 
 """
 
 import argparse
-import dataclasses
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-
-import metaworld_chunked_ppo as ex  # noqa: E402
-
+EXAMPLE = ROOT / "examples" / "metaworld_chunked_ppo.py"
 TASKS = ("pick-place-v3", "drawer-close-v3", "window-open-v3")
-KEYS = ("sft",) + ex.VARIANTS
+# What the summary keeps per method and seed.
+FIELDS = (
+    "seeds",
+    "success",
+    "steps_to_success",
+    "steps_all",
+    "wall_clock_s",
+    "update_s",
+    "rollout_s",
+)
 
 
-def run(args) -> None:
-    torch.set_num_threads(1)
+def example_command(task: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """The example's command line for one (task, seed); `--set key=value` becomes `--key value`."""
+    cmd = [
+        sys.executable,
+        str(EXAMPLE),
+        "--task",
+        task,
+        "--seed",
+        str(seed),
+        "--out",
+        str(args.out),
+    ]
+    if args.variants:
+        cmd += ["--variants", *args.variants]
+    if args.quick:
+        cmd.append("--quick")
+    if args.no_progress:
+        cmd.append("--no-progress")
+    for kv in args.set:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set takes key=value, got {kv!r}")
+        cmd += ["--" + key.replace("_", "-"), value]
+    return cmd
+
+
+def run(args: argparse.Namespace) -> None:
     pairs = [(t, s) for t in args.tasks for s in args.seeds]
     i, n = (int(x) for x in args.shard.split("/"))
-    overrides = dict(kv.split("=", 1) for kv in args.set)
     for task, seed in pairs[i::n]:
-        cfg = ex.Config(task=task, seed=seed)
-        for k, v in overrides.items():
-            typ = type(getattr(cfg, k))
-            cfg = dataclasses.replace(cfg, **{k: typ(v)})
-        out_dir = args.out / task / f"seed{seed}"
-        res = ex.run_task_seed(cfg, args.variants, out_dir, progress=not args.no_progress)
-        print(f"== {task} seed {seed}\n{ex.summarise(res)}", flush=True)
+        print(f"== {task} seed {seed}", flush=True)
+        subprocess.run(example_command(task, seed, args), check=True)
+
+
+def variants_in(seed_dir: Path) -> list[str]:
+    """The variants that finished in a run directory (one `<variant>.json` each), in order."""
+    return sorted(p.stem for p in seed_dir.glob("*.json"))
 
 
 def _mean(xs):
@@ -49,7 +82,7 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def ablation(args) -> dict:
+def ablation(args: argparse.Namespace) -> dict:
     """PPO + SBC final success per BC weight rule, on the (task, seed) pairs every rule ran.
 
     The "balance" rule is the default of the main runs; the other rules live under
@@ -81,7 +114,7 @@ def ablation(args) -> dict:
     return {}
 
 
-def aggregate(args) -> None:
+def aggregate(args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,20 +124,8 @@ def aggregate(args) -> None:
     rows = []
     for task_dir in sorted(p for p in args.out.iterdir() if p.is_dir()):
         task = task_dir.name
-        per: dict = {
-            k: {
-                "seeds": [],
-                "success": [],
-                "steps_to_success": [],
-                "steps_all": [],
-                "wall_clock_s": [],
-                "update_s": [],
-                "rollout_s": [],
-            }
-            for k in KEYS
-        }
-        curves: dict = {k: [] for k in ex.VARIANTS}
-        config = None
+        per: dict = {"sft": {f: [] for f in FIELDS}}
+        curves: dict = {}
         for seed_dir in sorted(task_dir.glob("seed*")):
             seed = int(seed_dir.name[4:])
             sft_path = seed_dir / "sft.pt"
@@ -112,19 +133,15 @@ def aggregate(args) -> None:
                 continue
             saved = torch.load(sft_path, weights_only=False)
             ev, info = saved["eval"], saved["info"]
-            done = {
-                v: json.loads((seed_dir / f"{v}.json").read_text())
-                for v in ex.VARIANTS
-                if (seed_dir / f"{v}.json").exists()
-            }
             p = per["sft"]
             p["seeds"].append(seed)
             p["success"].append(ev["success"])
             p["steps_to_success"].append(ev["steps_to_success"])
             p["steps_all"].append(ev["steps_all"])
             p["wall_clock_s"].append(info.get("sft_s"))
-            for v, r in done.items():
-                p = per[v]
+            for v in variants_in(seed_dir):
+                r = json.loads((seed_dir / f"{v}.json").read_text())
+                p = per.setdefault(v, {f: [] for f in FIELDS})
                 p["seeds"].append(seed)
                 p["success"].append(r["final"]["success"])
                 p["steps_to_success"].append(r["final"]["steps_to_success"])
@@ -132,10 +149,10 @@ def aggregate(args) -> None:
                 p["wall_clock_s"].append(r["wall_clock_s"])
                 p["update_s"].append(r["update_s"])
                 p["rollout_s"].append(r["rollout_s"])
-                curves[v].append(r["curve"])
-                config = config or {k: r.get("config") for k in ()}  # config lives in the run dir
+                curves.setdefault(v, []).append(r["curve"])
         task_out = {}
-        for k, p in per.items():
+        for k in ["sft", *sorted(per.keys() - {"sft"})]:
+            p = per[k]
             if not p["seeds"]:
                 continue
             task_out[k] = {
@@ -150,9 +167,7 @@ def aggregate(args) -> None:
             rows.append((task, k, task_out[k]))
         out["tasks"][task] = task_out
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        for v in ex.VARIANTS:
-            if not curves[v]:
-                continue
+        for v in sorted(curves):
             its = [pt["iteration"] for pt in curves[v][0]]
             for ax, key in zip(axes, ("success", "steps_all"), strict=True):
                 ys = [_mean([c[j][key] for c in curves[v] if j < len(c)]) for j in range(len(its))]
@@ -186,20 +201,27 @@ def aggregate(args) -> None:
         )
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(ex.VARIANTS), choices=ex.VARIANTS)
+    parser.add_argument(
+        "--variants", nargs="+", default=None, help="passed to the example (default: all)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "chunked_ppo")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     parser.add_argument("--ablation-out", type=Path, default=ROOT / "runs" / "chunked_ppo_ablation")
     parser.add_argument("--shard", default="0/1")
-    parser.add_argument("--set", nargs="*", default=[], help="Config overrides, key=value")
+    parser.add_argument("--set", nargs="*", default=[], help="example Config overrides, key=value")
     parser.add_argument("--aggregate", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="the example's seconds-long run")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--command", default="python benchmarks/run_chunked_ppo.py")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.aggregate:
         aggregate(args)
     else:

@@ -21,28 +21,27 @@ duration is reported, not timed).
 """
 
 import argparse
-import datetime
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from _harness import Setup, base_parser, emit, get_config, metadata, parse, torch_device
 
-from chunkmask.allocation import keep_probabilities
-from chunkmask.masker import ProbabilisticChunkMasker
-from chunkmask.phases import NUM_PHASES, gripper_close_fraction, label_gripper_phases
-from chunkmask.profiling import time_function
-from chunkmask.sampling import plackett_luce_sample
-from chunkmask.scores import PhaseScoreBuffer, success_failure_variance
-from chunkmask.shrinking import shrink
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _policy import PRESETS, get_config  # noqa: E402
-from backward_savings import Setup  # noqa: E402
+from chunkmask import (
+    NUM_PHASES,
+    PhaseScoreBuffer,
+    ProbabilisticChunkMasker,
+    gripper_close_fraction,
+    keep_probabilities,
+    label_gripper_phases,
+    plackett_luce_sample,
+    shrink,
+    success_failure_variance,
+    time_function,
+)
 
 
 def _time_interleaved(fns: list, args: argparse.Namespace) -> list[tuple[float, float]]:
@@ -233,9 +232,7 @@ def sampler_timings(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = torch_device(args)
     cfg = get_config(args.preset, num_traj=args.num_traj, num_chunks=args.num_chunks)
     budget = min(args.budget or (4 if args.preset == "tiny" else 12), cfg.num_chunks)
     setup = Setup(cfg, device=device, dtype=args.dtype, seed=args.seed)
@@ -257,19 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r["budget"] = budget
         r["chunks_total"] = cfg.num_chunks
     samplers = sampler_timings(weights, valid, budget, args)
-    meta = {
-        "benchmark": "selection_overhead",
-        "torch_version": torch.__version__,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "dtype": args.dtype,
-        "preset": args.preset,
-        "budget": budget,
-        "config": cfg.to_dict(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "argv": list(args.argv),
-    }
+    meta = metadata("selection_overhead", args, device, cfg, budget=budget)
     return {
         "meta": meta,
         "full_update_time_s": full_time,
@@ -315,10 +300,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--budget", type=int, default=None, help="B (default 12; 4 for tiny)")
     p.add_argument(
         "--update-time",
@@ -348,30 +330,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also time torch.compile'd samplers (default: on, except for tiny)",
     )
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch.set_num_threads (default 1; 0 keeps torch's default)",
-    )
-    p.add_argument("--num-traj", type=int, default=None)
-    p.add_argument("--num-chunks", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="write the JSON results here")
-    args = p.parse_args(argv)
+    args = parse(p, argv)
     if args.compile is None:
         args.compile = args.preset != "tiny"
-    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args)
-    print(format_table(result))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    emit(result, format_table(result), args.out)
     return result
 
 

@@ -4,10 +4,10 @@ A small chunked Gaussian policy with a value head is first fitted by behaviour c
 demonstrations of MetaWorld's own scripted expert (`metaworld.policies`), so that it starts good but
 imperfect (the SFT policy). Then one of three post-training variants runs from that start:
 
-- ``ppo``: chunk-level PPO (`chunkmask.ppo`: chunk rewards, chunk GAE with gamma^H between chunks,
-  chunk log-probabilities, clipped surrogate, clipped Huber value loss);
-- ``ppo_sbc``: the same plus self behaviour cloning (`chunkmask.self_bc`): successful rollouts enter
-  a `SuccessBuffer` and a BC loss on it is added with an adaptive weight;
+- ``ppo``: chunk-level PPO (`chunk_rewards`, `chunk_gae` with gamma^H between chunks,
+  `chunk_log_prob`, the clipped surrogate `chunked_ppo_loss`, the clipped Huber `value_loss`);
+- ``ppo_sbc``: the same plus self behaviour cloning: successful rollouts enter a `SuccessBuffer`
+  and a `bc_loss` on it is added with an adaptive weight (`LossBalanceBCWeight` by default);
 - ``ppo_sbc_pcm``: the same, but the PPO and value losses see only the chunks that
   `ProbabilisticChunkMasker` selects (select, `shrink`, loss on the packed batch).
 
@@ -45,25 +45,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from chunkmask.masker import ProbabilisticChunkMasker
-from chunkmask.phases import NUM_PHASES
-from chunkmask.ppo import (
+from chunkmask import (
+    NUM_PHASES,
+    ConstantBCWeight,
+    LossBalanceBCWeight,
+    ProbabilisticChunkMasker,
+    Selection,
+    SuccessBuffer,
+    SuccessRateBCWeight,
+    bc_loss,
     chunk_gae,
     chunk_log_prob,
     chunk_rewards,
     chunked_ppo_loss,
+    shrink,
     value_loss,
     whiten_advantages,
 )
-from chunkmask.selection import Selection
-from chunkmask.self_bc import (
-    ConstantBCWeight,
-    LossBalanceBCWeight,
-    SuccessBuffer,
-    SuccessRateBCWeight,
-    bc_loss,
-)
-from chunkmask.shrinking import shrink
 
 VARIANTS = ("ppo", "ppo_sbc", "ppo_sbc_pcm")
 
@@ -214,7 +212,7 @@ def collect_demos(env, task: str, num: int, max_steps: int) -> list[dict[str, np
 # Policy
 
 
-class ChunkPolicy(nn.Module):
+class GaussianChunkPolicy(nn.Module):
     """Gaussian policy over action chunks (H x D, tanh-bounded mean, learned log-std) + critic."""
 
     def __init__(self, obs_dim: int, act_dim: int, chunk_size: int, hidden: int, init_log_std: float):
@@ -255,7 +253,7 @@ class ChunkPolicy(nn.Module):
         return list(self.actor.parameters()) + [self.log_std]
 
 
-def fit_sft(policy: ChunkPolicy, demos, cfg: Config, gen: torch.Generator) -> dict[str, float]:
+def fit_sft(policy: GaussianChunkPolicy, demos, cfg: Config, gen: torch.Generator) -> dict[str, float]:
     """Behaviour cloning on the demos: each step's observation predicts the next H actions."""
     obs_all = torch.from_numpy(np.concatenate([d["obs"] for d in demos]))
     policy.obs_mean.copy_(obs_all.mean(0))
@@ -278,7 +276,7 @@ def fit_sft(policy: ChunkPolicy, demos, cfg: Config, gen: torch.Generator) -> di
         idx = torch.randint(len(obs), (min(cfg.sft_batch, len(obs)),), generator=gen)
         logp = chunk_log_prob(
             policy.dim_log_prob(obs[idx], tgt[idx]),
-            step_mask[idx, :, None].expand(-1, -1, D),
+            mask=step_mask[idx, :, None].expand(-1, -1, D),
             event_dims=2,
         )
         loss = bc_loss(logp, event_size=H * D)
@@ -292,7 +290,7 @@ def fit_sft(policy: ChunkPolicy, demos, cfg: Config, gen: torch.Generator) -> di
 # Rollouts
 
 
-def run_episodes(env, policy: ChunkPolicy, cfg: Config, num: int, *, deterministic: bool,
+def run_episodes(env, policy: GaussianChunkPolicy, cfg: Config, num: int, *, deterministic: bool,
                  gen: torch.Generator | None = None) -> dict[str, Any]:
     """Run `num` episodes chunk by chunk; return padded `(traj, N, ...)` tensors and outcomes."""
     H, D = cfg.chunk_size, policy.act_dim
@@ -354,7 +352,7 @@ def run_episodes(env, policy: ChunkPolicy, cfg: Config, num: int, *, determinist
     return out
 
 
-def evaluate(eval_env, eval_state, policy: ChunkPolicy, cfg: Config) -> dict[str, Any]:
+def evaluate(eval_env, eval_state, policy: GaussianChunkPolicy, cfg: Config) -> dict[str, Any]:
     """Mean-action success and steps-to-success on the same goals every time."""
     restore(eval_env, eval_state)
     res = run_episodes(eval_env, policy, cfg, cfg.eval_episodes, deterministic=True)
@@ -393,7 +391,7 @@ def _grad_norm(grads) -> float:
     return float(total.sqrt())
 
 
-def post_train(policy: ChunkPolicy, variant: str, cfg: Config, env, eval_env, eval_ckpt,
+def post_train(policy: GaussianChunkPolicy, variant: str, cfg: Config, env, eval_env, eval_ckpt,
                sft_eval: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Run one variant from the SFT policy; return its history and final evaluation."""
     if variant not in VARIANTS:
@@ -429,17 +427,17 @@ def post_train(policy: ChunkPolicy, variant: str, cfg: Config, env, eval_env, ev
         with torch.no_grad():
             step_mask_d = batch["step_mask"][..., None].expand(-1, -1, -1, D)
             old_logp = chunk_log_prob(policy.dim_log_prob(batch["obs"], batch["actions"]),
-                                      step_mask_d, event_dims=2)
+                                      mask=step_mask_d, event_dims=2)
             old_values = policy.value(batch["obs"])
             next_values = policy.value(batch["next_obs"])
-        rewards = chunk_rewards(batch["rewards"], batch["step_mask"], gamma=cfg.gamma)
+        rewards = chunk_rewards(batch["rewards"], mask=batch["step_mask"], gamma=cfg.gamma)
         gae = chunk_gae(
-            rewards, old_values, valid,
+            rewards, old_values, valid=valid,
             terminated=batch["terminated"], truncated=batch["truncated"], next_values=next_values,
             chunk_steps=batch["step_mask"].sum(-1), gamma=cfg.gamma, lam=cfg.lam,
             chunk_size=H,
         )
-        adv = whiten_advantages(gae.advantages, valid)
+        adv = whiten_advantages(gae.advantages, mask=valid)
         success = batch["success"]
         if use_pcm:
             selection, info = masker.select(actions=batch["actions"].clamp(-1, 1), success=success,
@@ -469,7 +467,7 @@ def post_train(policy: ChunkPolicy, variant: str, cfg: Config, env, eval_env, ev
             for mb in perm.chunk(cfg.num_minibatches):
                 opt.zero_grad()
                 logp = chunk_log_prob(policy.dim_log_prob(packed["obs"][mb], packed["actions"][mb]),
-                                      packed["step_mask"][mb], event_dims=2)
+                                      mask=packed["step_mask"][mb], event_dims=2)
                 pol = chunked_ppo_loss(logp, packed["old_logp"][mb], packed["adv"][mb],
                                        clip_low=cfg.clip_low, clip_high=cfg.clip_high)
                 vl = value_loss(policy.value(packed["obs"][mb]), packed["returns"][mb],
@@ -485,7 +483,7 @@ def post_train(policy: ChunkPolicy, variant: str, cfg: Config, env, eval_env, ev
                     dv = demo["valid"]
                     d_logp = chunk_log_prob(
                         policy.dim_log_prob(demo["obs"][dv], demo["actions"][dv]),
-                        demo["step_mask"][dv][..., None].expand(-1, -1, D), event_dims=2)
+                        mask=demo["step_mask"][dv][..., None].expand(-1, -1, D), event_dims=2)
                     lbc = bc_loss(d_logp, event_size=H * D)
                     grads = torch.autograd.grad(lbc, actor_params)
                     stats["bc_gn"] += _grad_norm(grads)
@@ -550,7 +548,7 @@ def sft_stage(cfg: Config, out_dir: Path | None, progress: bool = True):
     eval_ckpt = checkpoint(eval_env)
     obs_dim = env.observation_space.shape[0]
     act_dim = env.action_space.shape[0]
-    policy = ChunkPolicy(obs_dim, act_dim, cfg.chunk_size, cfg.hidden, cfg.init_log_std)
+    policy = GaussianChunkPolicy(obs_dim, act_dim, cfg.chunk_size, cfg.hidden, cfg.init_log_std)
     sft_path = out_dir / "sft.pt" if out_dir is not None else None
     if sft_path is not None and sft_path.exists():
         saved = torch.load(sft_path, weights_only=False)

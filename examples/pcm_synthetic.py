@@ -44,8 +44,8 @@ def synthetic_rollouts(num_prompts: int, group_size: int, max_chunks: int, gener
     return obs, actions, valid, success, group
 
 
-class ChunkPolicy(nn.Module):
-    """A small per-chunk policy over discretised action tokens (H*D tokens, 256 bins each)."""
+class TokenMLPPolicy(nn.Module):
+    """An MLP from a chunk's observation to its H*D discretised action tokens (256 bins each)."""
 
     def __init__(self, obs_dim: int = 32, width: int = 64) -> None:
         super().__init__()
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(args.seed)
     data_gen = torch.Generator().manual_seed(args.seed)
-    policy = ChunkPolicy()
+    policy = TokenMLPPolicy()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     masker = chunkmask.ProbabilisticChunkMasker(
         budget=args.budget, num_phases=chunkmask.NUM_PHASES, refresh_every=3, seed=args.seed
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         sel, info = masker.select(actions=actions, success=success, group=group, valid=valid)
         batch = chunkmask.shrink({"obs": obs, "tokens": tokens, "old_logp": old_logp, "adv": adv}, sel)
         logp = policy.log_prob(batch["obs"], batch["tokens"])
-        out = chunkmask.masked_grpo_loss(logp, batch["old_logp"], batch["adv"], sel)
+        out = chunkmask.masked_grpo_loss(logp, batch["old_logp"], batch["adv"], selection=sel)
         # ---
         optimizer.zero_grad()
         out.loss.backward()

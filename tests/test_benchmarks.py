@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from chunkmask import Selection
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -119,7 +121,7 @@ def test_backward_savings_lora_tiny(bench, capsys):
 
 
 def test_plan_micro_batches(bench):
-    plan = bench("backward_savings").plan_micro_batches
+    plan = bench("_harness").plan_micro_batches
     assert plan([4, 4, 4], 8) == [(0, 2, 0, 8), (2, 3, 8, 12)]
     assert plan([3, 3, 3], 8) == [(0, 2, 0, 6), (2, 3, 6, 9)]
     assert plan([10, 2], 8) == [(0, 1, 0, 10), (1, 2, 10, 12)]  # an oversized trajectory alone
@@ -127,16 +129,15 @@ def test_plan_micro_batches(bench):
 
 
 def test_micro_batched_gradient_equals_one_batch(bench):
-    backward_savings = bench("backward_savings")
-    policy_mod = bench("_policy")
-    cfg = policy_mod.get_config("tiny")
-    setup = backward_savings.Setup(cfg, device=torch.device("cpu"), dtype="float32", seed=0)
+    harness = bench("_harness")
+    cfg = harness.get_config("tiny")
+    setup = harness.Setup(cfg, device=torch.device("cpu"), dtype="float32", seed=0)
     _, select_and_shrink = setup.pcm_update_fn(3)
     batch, selection, counts = select_and_shrink()
     grads = []
     for micro in (6, 10_000):
         setup.policy.zero_grad(set_to_none=True)
-        trainer = backward_savings.ActorTrainer(setup.policy, micro_batch_chunks=micro)
+        trainer = harness.ActorTrainer(setup.policy, micro_batch_chunks=micro)
         assert trainer.accumulate(batch, selection, counts) == (10 if micro == 6 else 1)
         grads.append([p.grad.clone() for p in setup.policy.parameters() if p.grad is not None])
     for a, b in zip(*grads, strict=True):
@@ -145,14 +146,14 @@ def test_micro_batched_gradient_equals_one_batch(bench):
 
 def test_mask_only_baseline_has_the_same_gradient_as_shrinking(bench):
     # The mask-only baseline optimises the same objective as PCM; only its cost differs.
-    backward_savings = bench("backward_savings")
-    cfg = bench("_policy").get_config("tiny")
-    setup = backward_savings.Setup(cfg, device=torch.device("cpu"), dtype="float32", seed=1)
+    harness = bench("_harness")
+    cfg = harness.get_config("tiny")
+    setup = harness.Setup(cfg, device=torch.device("cpu"), dtype="float32", seed=1)
     _, select_and_shrink = setup.pcm_update_fn(3)
     batch, selection, counts = select_and_shrink()
     token_mask = selection.chunk_mask().reshape(-1, 1).expand(-1, cfg.tokens_per_chunk)
-    full = backward_savings.Selection.from_mask(setup.data["valid"])
-    trainer = backward_savings.ActorTrainer(setup.policy, micro_batch_chunks=16)
+    full = Selection.from_mask(setup.data["valid"])
+    trainer = harness.ActorTrainer(setup.policy, micro_batch_chunks=16)
     grads = []
     for args in ((batch, selection, counts), (setup.full_batch, full, full.counts.tolist())):
         setup.policy.zero_grad(set_to_none=True)
@@ -252,6 +253,7 @@ def test_plot(bench, tmp_path):
 
 
 def test_reproduce_pcm_quick_writes_report_and_resumes(bench, tmp_path):
+    pytest.importorskip("gymnasium")
     pytest.importorskip("matplotlib")
     reproduce = bench("reproduce_pcm")
     out, docs = tmp_path / "runs", tmp_path / "docs"
@@ -275,6 +277,7 @@ def test_reproduce_pcm_quick_writes_report_and_resumes(bench, tmp_path):
 
 
 def test_reproduce_pcm_rejects_unknown_run_names(bench, tmp_path, capsys):
+    pytest.importorskip("gymnasium")
     reproduce = bench("reproduce_pcm")
     with pytest.raises(SystemExit):
         reproduce.main(["--quick", "--out", str(tmp_path), "--only", "pcm", "pmc"])
@@ -283,6 +286,7 @@ def test_reproduce_pcm_rejects_unknown_run_names(bench, tmp_path, capsys):
 
 
 def test_phase_weights_quick_runs(bench, tmp_path):
+    pytest.importorskip("gymnasium")
     weights = bench("phase_weights")
     out = tmp_path / "w.json"
     args = ["--quick", "--prompts", "2", "--group-size", "3", "--budget", "2", "--out", str(out)]
@@ -298,6 +302,7 @@ def test_phase_weights_quick_runs(bench, tmp_path):
 
 
 def test_phase_weights_match_a_loop_reference(bench):
+    pytest.importorskip("gymnasium")
     weights = bench("phase_weights")
     gen = torch.Generator().manual_seed(0)
     n, chunks = 8, 6
@@ -319,7 +324,11 @@ def test_phase_weights_match_a_loop_reference(bench):
             cs = [t for t in range(chunks) if valid[i, t]]
             k = sum(float(inclusion[i, t]) for t in cs)
             full += float(adv[i]) * sum(int(phases[i, t]) == c for t in cs) / len(cs)
-            masked += float(adv[i]) * sum(float(inclusion[i, t]) for t in cs if int(phases[i, t]) == c) / k
+            masked += (
+                float(adv[i])
+                * sum(float(inclusion[i, t]) for t in cs if int(phases[i, t]) == c)
+                / k
+            )
         assert row["full"]["advantage_weighted"] == pytest.approx(full, abs=1e-5)
         assert row["masked"]["advantage_weighted"] == pytest.approx(masked, abs=1e-5)
     # Weights sum to one per trajectory and advantages to zero per group: the phases sum to 0.
@@ -329,6 +338,64 @@ def test_phase_weights_match_a_loop_reference(bench):
 
 
 def test_phase_weights_needs_a_checkpoint(bench, capsys):
+    pytest.importorskip("gymnasium")
     with pytest.raises(SystemExit):
         bench("phase_weights").main([])
     assert "give --sft PATH (or --quick)" in capsys.readouterr().err
+
+
+def test_run_chunked_ppo_runs_the_example_as_a_process(bench, tmp_path, monkeypatch):
+    # The driver imports nothing from examples/: it schedules the example's CLI, one process per
+    # (task, seed), and `--set key=value` becomes the example's `--key value` option.
+    driver = bench("run_chunked_ppo")
+    calls = []
+    monkeypatch.setattr(driver.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    args = ["--tasks", "a-v3", "b-v3", "--seeds", "0", "1", "--shard", "1/2", "--quick"]
+    driver.main([*args, "--out", str(tmp_path), "--set", "pcm_budget=4", "bc_weight=success"])
+    assert len(calls) == 2
+    for cmd, task in zip(calls, ("a-v3", "b-v3"), strict=True):
+        assert Path(cmd[1]) == BENCHMARKS.parent / "examples" / "metaworld_chunked_ppo.py"
+        assert cmd[2:] == [
+            "--task",
+            task,
+            "--seed",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--quick",
+            "--pcm-budget",
+            "4",
+            "--bc-weight",
+            "success",
+        ]
+    with pytest.raises(SystemExit, match="--set takes key=value"):
+        driver.main(["--tasks", "a-v3", "--seeds", "0", "--set", "pcm_budget"])
+
+
+def _fake_chunked_ppo_run(seed_dir, variants):
+    seed_dir.mkdir(parents=True)
+    ev = {"success": 0.5, "steps_to_success": 40.0, "steps_all": 95.0}
+    torch.save({"eval": ev, "info": {"sft_s": 3.0}}, seed_dir / "sft.pt")
+    for v in variants:
+        success = {"ppo": 0.6, "ppo_sbc": 0.8}[v]
+        final = {"success": success, "steps_to_success": 30.0, "steps_all": 80.0}
+        curve = [{"iteration": 0, **ev}, {"iteration": 2, **final}]
+        run = {"final": final, "curve": curve, "wall_clock_s": 10.0, "update_s": 2.0}
+        (seed_dir / f"{v}.json").write_text(json.dumps({**run, "rollout_s": 5.0}))
+
+
+def test_run_chunked_ppo_aggregates_the_example_outputs(bench, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    driver = bench("run_chunked_ppo")
+    out, docs = tmp_path / "runs", tmp_path / "docs"
+    _fake_chunked_ppo_run(out / "drawer-close-v3" / "seed0", ["ppo", "ppo_sbc"])
+    _fake_chunked_ppo_run(out / "drawer-close-v3" / "seed1", ["ppo_sbc", "ppo"])
+    args = ["--aggregate", "--out", str(out), "--docs", str(docs)]
+    driver.main([*args, "--ablation-out", str(tmp_path / "none")])
+    table = capsys.readouterr().out
+    assert "| drawer-close-v3 | ppo_sbc | 2 | 0.80 |" in table
+    result = json.loads((docs / "chunked_ppo.json").read_text())
+    task = result["tasks"]["drawer-close-v3"]
+    assert list(task) == ["sft", "ppo", "ppo_sbc"]
+    assert task["sft"]["per_seed"]["seeds"] == [0, 1] and task["ppo"]["success"] == 0.6
+    assert (docs / "img" / "chunked_ppo_drawer-close-v3.png").stat().st_size > 0

@@ -4,14 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from chunkmask.testbed.env import (
+pytest.importorskip("gymnasium")  # the `testbed` extra
+
+from chunkmask.testbed.env import (  # noqa: E402
     ACTION_DIM,
     InitialState,
     PickPlaceConfig,
     PickPlaceVectorEnv,
     sample_initial_states,
 )
-from chunkmask.testbed.expert import ScriptedExpert, collect_demonstrations
+from chunkmask.testbed.expert import ScriptedExpert, collect_demonstrations  # noqa: E402
 
 CFG = PickPlaceConfig()
 

@@ -4,13 +4,15 @@ import math
 import pytest
 import torch
 
-from chunkmask.testbed.__main__ import main
-from chunkmask.testbed.env import PickPlaceConfig, PickPlaceVectorEnv, sample_initial_states
-from chunkmask.testbed.expert import collect_demonstrations
-from chunkmask.testbed.policy import ChunkPolicy, actions_to_tokens, tokens_to_actions
-from chunkmask.testbed.rollout import rollout
-from chunkmask.testbed.sft import behaviour_cloning
-from chunkmask.testbed.trainer import TrainConfig, train
+pytest.importorskip("gymnasium")  # the `testbed` extra
+
+from chunkmask.testbed.__main__ import main  # noqa: E402
+from chunkmask.testbed.env import PickPlaceConfig, PickPlaceVectorEnv, sample_initial_states  # noqa: E402
+from chunkmask.testbed.expert import collect_demonstrations  # noqa: E402
+from chunkmask.testbed.policy import TokenChunkPolicy, actions_to_tokens, tokens_to_actions  # noqa: E402
+from chunkmask.testbed.rollout import rollout  # noqa: E402
+from chunkmask.testbed.sft import behaviour_cloning  # noqa: E402
+from chunkmask.testbed.trainer import TrainConfig, train  # noqa: E402
 
 ENV = PickPlaceConfig(max_steps=32)  # 4 chunks of 8 steps
 
@@ -18,7 +20,7 @@ ENV = PickPlaceConfig(max_steps=32)  # 4 chunks of 8 steps
 def _policy(seed=0):
     torch.manual_seed(seed)
     env = PickPlaceVectorEnv(1, ENV)
-    return ChunkPolicy(env.layout, num_tasks=1, d_model=16, depth=1, heads=2)
+    return TokenChunkPolicy(env.layout, num_tasks=1, d_model=16, depth=1, heads=2)
 
 
 def _cfg(selector, **kw):
@@ -79,6 +81,11 @@ def test_rl_steps_run_with_finite_losses(selector, steps, tmp_path):
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
         assert 0.0 <= r["eval_success"] <= 1.0
         assert len(r["selected_per_phase"]) == 5 and len(r["V_c"]) == 5
+        # The per-phase allocation (from the masker's MaskerInfo) accounts for every chunk.
+        n = r["num_traj"]
+        assert sum(r["selected_per_phase"]) * n == pytest.approx(r["chunks_updated"])
+        assert sum(r["available_per_phase"]) * n == pytest.approx(r["chunks_executed"])
+        assert (r["keep_probabilities"] is None) == (selector != "pcm")
         if selector == "full":
             assert r["chunks_updated"] == r["chunks_executed"]
         else:
@@ -134,6 +141,7 @@ def test_horvitz_thompson_estimator_runs():
 
 
 def test_main_job_quick_writes_summary(tmp_path):
+    pytest.importorskip("matplotlib")
     assert main(["--out", str(tmp_path), "--quick", "--no-progress"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in ("speedup_to_threshold", "threshold"):
@@ -148,6 +156,7 @@ def test_main_job_quick_writes_summary(tmp_path):
 
 
 def test_main_job_quick_without_ht(tmp_path):
+    pytest.importorskip("matplotlib")
     assert main(["--out", str(tmp_path), "--quick", "--no-progress", "--no-ht"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["runs"] == ["grpo", "pcm"] and "pcm_ht" not in summary
@@ -225,9 +234,9 @@ def test_sft_expert_and_policy_bad_arguments_name_them():
         ScriptedExpert(0, ENV)
     env = PickPlaceVectorEnv(1, ENV)
     with pytest.raises(ValueError, match=r"`d_model` must be divisible by `heads`=3, got 16"):
-        ChunkPolicy(env.layout, num_tasks=1, d_model=16, depth=1, heads=3)
+        TokenChunkPolicy(env.layout, num_tasks=1, d_model=16, depth=1, heads=3)
     with pytest.raises(ValueError, match="`horizon` must be > 0, got 0"):
-        ChunkPolicy(env.layout, num_tasks=1, horizon=0, d_model=16, depth=1, heads=2)
+        TokenChunkPolicy(env.layout, num_tasks=1, horizon=0, d_model=16, depth=1, heads=2)
     obs = torch.zeros(2, env.layout.dim)
     with pytest.raises(ValueError, match=r"`temperature` must lie in \(0.0, inf\), got 0.0"):
         policy.sample(obs, temperature=0.0)

@@ -8,10 +8,8 @@ from typing import Any
 
 import torch
 
+from chunkmask import suggest_budget
 from chunkmask._checks import check_positive_int, check_range
-from chunkmask.allocation import suggest_budget
-from chunkmask.phases import NUM_PHASES
-from chunkmask.scores import success_failure_variance
 from chunkmask.testbed.env import PickPlaceConfig, PickPlaceVectorEnv, sample_initial_states
 from chunkmask.testbed.expert import collect_demonstrations
 from chunkmask.testbed.plots import (
@@ -20,10 +18,16 @@ from chunkmask.testbed.plots import (
     plot_phase_allocation,
     plot_success,
 )
-from chunkmask.testbed.policy import ChunkPolicy
+from chunkmask.testbed.policy import TokenChunkPolicy
 from chunkmask.testbed.rollout import rollout
 from chunkmask.testbed.sft import behaviour_cloning
-from chunkmask.testbed.trainer import TrainConfig, held_out_states, label_phases, train
+from chunkmask.testbed.trainer import (
+    TrainConfig,
+    held_out_states,
+    make_masker,
+    score_phases,
+    train,
+)
 
 
 @dataclass
@@ -106,10 +110,10 @@ class DemoConfig:
         )
 
 
-def make_policy(cfg: DemoConfig, env_cfg: PickPlaceConfig) -> ChunkPolicy:
+def make_policy(cfg: DemoConfig, env_cfg: PickPlaceConfig) -> TokenChunkPolicy:
     """The demo's policy architecture."""
     env = PickPlaceVectorEnv(1, env_cfg)
-    return ChunkPolicy(
+    return TokenChunkPolicy(
         env.layout,
         num_tasks=env_cfg.num_objects,
         d_model=cfg.d_model,
@@ -150,7 +154,7 @@ def sft_checkpoint(
 
 
 def captured_v_curve(
-    policy: ChunkPolicy, cfg: DemoConfig, env_cfg: PickPlaceConfig
+    policy: TokenChunkPolicy, cfg: DemoConfig, env_cfg: PickPlaceConfig
 ) -> dict[str, Any]:
     """Rollout groups from `policy`, their phase scores `V_c`, and the budget knee (App. D)."""
     group_size = cfg.train.group_size
@@ -168,14 +172,12 @@ def captured_v_curve(
         generator=torch.Generator().manual_seed(cfg.seed + 556),
     )
     group = torch.arange(cfg.budget_probe_prompts).repeat_interleave(group_size)
-    phases = label_phases(batch.actions, batch.valid)
-    v = success_failure_variance(
-        batch.actions, phases, batch.success, group, num_phases=NUM_PHASES, valid=batch.valid
-    )
-    chunk_scores = torch.where(batch.valid, v.scores[phases.clamp_min(0)], 0.0)
+    # The masker labels the phases and scores them (V_c, Eq. 5) on this batch; its draw is unused.
+    _, info = score_phases(make_masker(cfg.train), batch, group)
+    chunk_scores = torch.where(batch.valid, info.scores[info.phases.clamp_min(0)], 0.0)
     result: dict[str, Any] = {
-        "V_c": v.scores.tolist(),
-        "V_defined": v.defined.tolist(),
+        "V_c": info.scores.tolist(),
+        "V_defined": info.defined.tolist(),
         "success_rate": float(batch.success.float().mean()),
     }
     if float(chunk_scores.sum()) > 0:

@@ -42,7 +42,7 @@ def tokens_to_actions(
     return tokens.float() / (bins - 1) * 2 - 1
 
 
-class ChunkPolicy(nn.Module):
+class TokenChunkPolicy(nn.Module):
     """Transformer policy emitting a chunk of `horizon x action_dim` discretised action tokens.
 
     Args:
@@ -60,7 +60,7 @@ class ChunkPolicy(nn.Module):
 
     Example:
         >>> from chunkmask.testbed.env import obs_layout
-        >>> policy = ChunkPolicy(obs_layout(2), num_tasks=2, d_model=32, depth=1, heads=2)
+        >>> policy = TokenChunkPolicy(obs_layout(2), num_tasks=2, d_model=32, depth=1, heads=2)
         >>> obs = torch.zeros(3, 23)
         >>> policy(obs).shape
         torch.Size([3, 40, 256])

@@ -1,4 +1,4 @@
-"""Chunked, batched, gradient-free rollouts of a `ChunkPolicy` in `PickPlaceVectorEnv`."""
+"""Chunked, batched, gradient-free rollouts of a `TokenChunkPolicy` in `PickPlaceVectorEnv`."""
 
 from typing import NamedTuple
 
@@ -7,7 +7,7 @@ from jaxtyping import Bool, Float, Int64
 from torch import Tensor
 
 from chunkmask.testbed.env import InitialState, PickPlaceVectorEnv
-from chunkmask.testbed.policy import ChunkPolicy
+from chunkmask.testbed.policy import TokenChunkPolicy
 
 
 class RolloutBatch(NamedTuple):
@@ -37,7 +37,7 @@ class RolloutBatch(NamedTuple):
 
 @torch.no_grad()
 def rollout(
-    policy: ChunkPolicy,
+    policy: TokenChunkPolicy,
     env: PickPlaceVectorEnv,
     initial_state: InitialState,
     *,

@@ -5,11 +5,11 @@ import torch.nn.functional as F
 
 from chunkmask._checks import check_positive_int, check_range
 from chunkmask.testbed.expert import Demonstrations
-from chunkmask.testbed.policy import ChunkPolicy, actions_to_tokens
+from chunkmask.testbed.policy import TokenChunkPolicy, actions_to_tokens
 
 
 def behaviour_cloning(
-    policy: ChunkPolicy,
+    policy: TokenChunkPolicy,
     demos: Demonstrations,
     *,
     steps: int = 300,

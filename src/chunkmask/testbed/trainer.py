@@ -22,21 +22,25 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
-from jaxtyping import Bool, Float, Int64
+from jaxtyping import Int64
 from torch import Tensor
 
+from chunkmask import (
+    NUM_PHASES,
+    MaskerInfo,
+    ProbabilisticChunkMasker,
+    Selection,
+    group_relative_advantages,
+    masked_grpo_loss,
+    shrink,
+    top_phase_sample,
+    topk_sample,
+    uniform_sample,
+)
 from chunkmask._checks import check_option, check_positive_int, check_range
-from chunkmask.advantages import group_relative_advantages
-from chunkmask.losses import masked_grpo_loss
-from chunkmask.masker import ProbabilisticChunkMasker
-from chunkmask.phases import NUM_PHASES, gripper_close_fraction, label_gripper_phases
-from chunkmask.sampling import top_phase_sample, topk_sample, uniform_sample
-from chunkmask.scores import success_failure_variance
-from chunkmask.selection import Selection
-from chunkmask.shrinking import shrink
 from chunkmask.testbed.env import InitialState, PickPlaceConfig, PickPlaceVectorEnv
 from chunkmask.testbed.env import sample_initial_states as _sample_states
-from chunkmask.testbed.policy import ChunkPolicy
+from chunkmask.testbed.policy import TokenChunkPolicy
 from chunkmask.testbed.rollout import RolloutBatch, rollout
 
 Selector = Literal["full", "pcm", "random", "top_phase", "entropy_topk"]
@@ -148,7 +152,7 @@ def held_out_states(num: int, config: PickPlaceConfig | None = None) -> InitialS
 
 
 def evaluate(
-    policy: ChunkPolicy,
+    policy: TokenChunkPolicy,
     states: InitialState,
     *,
     temperature: float = 1.0,
@@ -169,60 +173,88 @@ def evaluate(
     return float(batch.success.float().mean())
 
 
-def label_phases(
-    actions: Float[Tensor, "traj chunk step dim"], valid: Bool[Tensor, "traj chunk"]
-) -> Int64[Tensor, "traj chunk"]:
-    """App. E.2 gripper phases of every chunk (+1 closes; the gripper is the last dim)."""
-    return label_gripper_phases(gripper_close_fraction(actions[..., -1], valid), valid)
+def make_masker(cfg: TrainConfig) -> ProbabilisticChunkMasker:
+    """The run's `ProbabilisticChunkMasker`.
+
+    For `selector="pcm"` it selects the chunks. For the other selectors it only labels and
+    scores the phases (`MaskerInfo.phases`, `.scores`): `"top_phase"` selects from them, and
+    every selector logs them; its draws are discarded.
+    """
+    return ProbabilisticChunkMasker(
+        budget=cfg.budget,
+        num_phases=NUM_PHASES,
+        refresh_every=cfg.refresh_every,
+        p_min=cfg.p_min,
+        inclusion=cfg.selector == "pcm" and cfg.estimator == "horvitz_thompson",
+        seed=cfg.seed,
+    )
+
+
+def score_phases(
+    masker: ProbabilisticChunkMasker, batch: RolloutBatch, group: Int64[Tensor, " traj"]
+) -> tuple[Selection, MaskerInfo]:
+    """Run `masker` on a rollout batch: its selection and its `MaskerInfo` (phases, `V_c`, ...)."""
+    return masker.select(
+        actions=batch.actions, success=batch.success, group=group, valid=batch.valid
+    )
 
 
 def baseline_selection(
     selector: str,
     batch: RolloutBatch,
-    group: Int64[Tensor, " traj"],
+    info: MaskerInfo | None,
     *,
     budget: int,
     generator: torch.Generator,
 ) -> Selection:
-    """The chunks a non-PCM selector sends into the update (`"full"` keeps every chunk)."""
+    """The chunks a non-PCM selector sends into the update (`"full"` keeps every chunk).
+
+    `info` is the masker's `MaskerInfo` of this batch; only `"top_phase"` needs it (its phases
+    and `V_c`).
+    """
     if selector == "full":
         return Selection.from_mask(batch.valid)
     if selector == "random":
         return uniform_sample(batch.valid, budget, generator=generator)
     if selector == "top_phase":
-        phases = label_phases(batch.actions, batch.valid)
-        v = success_failure_variance(
-            batch.actions, phases, batch.success, group, num_phases=NUM_PHASES, valid=batch.valid
+        if info is None:
+            raise ValueError("`info` must be given for selector 'top_phase', got None.")
+        return top_phase_sample(
+            info.phases, info.scores, budget, valid=batch.valid, generator=generator
         )
-        return top_phase_sample(phases, v.scores, budget, valid=batch.valid, generator=generator)
     if selector == "entropy_topk":
         return topk_sample(batch.entropy, budget, valid=batch.valid)
     raise ValueError(f"`selector` must be one of {SELECTORS}, got {selector!r}.")
 
 
 def update(
-    policy: ChunkPolicy,
+    policy: TokenChunkPolicy,
     optimizer: torch.optim.Optimizer,
     batch: RolloutBatch,
     group: Int64[Tensor, " traj"],
     cfg: TrainConfig,
     *,
-    masker: ProbabilisticChunkMasker | None = None,
+    masker: ProbabilisticChunkMasker,
     generator: torch.Generator,
 ) -> dict[str, Any]:
-    """One GRPO actor update on a batch of rollouts; returns the step's diagnostics."""
+    """One GRPO actor update on a batch of rollouts; returns the step's diagnostics.
+
+    The result holds the mean `loss`, `clip_frac`, `grad_norm` and `entropy` over the
+    mini-batches, the number of `chunks` back-propagated, the `selection` and the masker's
+    `info` (`MaskerInfo`; None for the selectors that do not need the phases to select).
+    """
     rewards = batch.success.float()
     advantages = group_relative_advantages(rewards, group)  # Eq. 1, on the full batch
 
-    if masker is not None:  # PCM: score the phases, draw B chunks per trajectory (Eq. 5-10)
-        selection, info = masker.select(
-            actions=batch.actions, success=batch.success, group=group, valid=batch.valid
-        )
+    info = None
+    if cfg.selector == "pcm":  # PCM: score the phases, draw B chunks per trajectory (Eq. 5-10)
+        selection, info = score_phases(masker, batch, group)
     else:
+        if cfg.selector == "top_phase":  # the phases and V_c of this batch, from the masker
+            _, info = score_phases(masker, batch, group)
         selection = baseline_selection(
-            cfg.selector, batch, group, budget=cfg.budget, generator=generator
+            cfg.selector, batch, info, budget=cfg.budget, generator=generator
         )
-        info = None
 
     # PPO mini-batches of whole trajectories (one AdamW step each), in a shuffled order.
     num_traj = batch.success.shape[0]
@@ -231,12 +263,7 @@ def update(
     num_minibatches = -(-num_traj // cfg.mini_batch)
     for start in range(0, num_traj, cfg.mini_batch):
         rows = order[start : start + cfg.mini_batch].sort().values
-        part = Selection(
-            selection.indices[rows],
-            selection.mask[rows],
-            selection.num_chunks[rows],
-            selection.chunks_total,
-        )
+        part = selection.rows(rows, validate_args=False)
         # Only the selected chunks are gathered: the forward below sees M = sum_i |S_i| chunks.
         tree = {
             "obs": batch.obs[rows],
@@ -255,7 +282,7 @@ def update(
             logp,
             packed["old_logp"],
             packed["adv"],
-            part,
+            selection=part,
             clip_low=cfg.clip_low,
             clip_high=cfg.clip_high,
             entropy=entropy,
@@ -277,39 +304,36 @@ def update(
     return totals
 
 
-def _phase_stats(
-    batch: RolloutBatch, group: Int64[Tensor, " traj"], selection: Selection, info: Any
+def phase_stats(
+    selection: Selection, info: MaskerInfo, *, selected_by_masker: bool
 ) -> dict[str, Any]:
-    """Per-phase realised allocation, `V_c` and keep probabilities for logging."""
-    if info is not None:
-        phases, scores, defined = info.phases, info.scores, info.defined
-        keep = info.keep_probabilities.tolist()
+    """The step's per-phase log: realised allocation, `V_c` and keep probabilities.
+
+    Everything comes from the masker's `MaskerInfo`. Only when another selector chose the chunks
+    (`selected_by_masker=False`) are that selection's chunks counted per phase; the keep
+    probabilities are then None, since they played no part.
+
+    Returns:
+        A dict with `selected_per_phase` and `available_per_phase` (mean chunks per trajectory),
+        `V_c`, `V_defined` and `keep_probabilities` (plain lists, for JSON).
+    """
+    num_traj = selection.num_traj
+    if selected_by_masker:
+        selected = info.selected_per_phase
     else:
-        phases = label_phases(batch.actions, batch.valid)
-        v = success_failure_variance(
-            batch.actions, phases, batch.success, group, num_phases=NUM_PHASES, valid=batch.valid
-        )
-        scores, defined, keep = v.scores, v.defined, None
-    chosen = selection.chunk_mask() & batch.valid
-    num_traj = batch.valid.shape[0]
-    selected, available = [], []
-    for c in range(NUM_PHASES):
-        in_phase = phases == c
-        selected.append(float((chosen & in_phase).sum()) / num_traj)
-        available.append(float((batch.valid & in_phase).sum()) / num_traj)
+        in_phase = torch.nn.functional.one_hot(info.phases.clamp_min(0), NUM_PHASES)
+        selected = torch.where(selection.chunk_mask()[..., None], in_phase, 0).sum(dim=(0, 1))
     return {
-        "selected_per_phase": selected,
-        "available_per_phase": available,
-        "V_c": [float(s) for s in scores],
-        "V_defined": [bool(d) for d in defined],
-        "keep_probabilities": keep,
-        "phases": phases,
-        "scores": scores,
+        "selected_per_phase": (selected / num_traj).tolist(),
+        "available_per_phase": (info.available_per_phase / num_traj).tolist(),
+        "V_c": info.scores.tolist(),
+        "V_defined": info.defined.tolist(),
+        "keep_probabilities": info.keep_probabilities.tolist() if selected_by_masker else None,
     }
 
 
 def train(
-    policy: ChunkPolicy,
+    policy: TokenChunkPolicy,
     cfg: TrainConfig,
     *,
     env_config: PickPlaceConfig | None = None,
@@ -352,18 +376,9 @@ def train(
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    masker = None
-    if cfg.selector == "pcm":
-        masker = ProbabilisticChunkMasker(
-            budget=cfg.budget,
-            num_phases=NUM_PHASES,
-            refresh_every=cfg.refresh_every,
-            p_min=cfg.p_min,
-            inclusion=cfg.estimator == "horvitz_thompson",
-            seed=cfg.seed,
-        )
-        if masker_state is not None:
-            masker.load_state_dict(masker_state)
+    masker = make_masker(cfg)
+    if masker_state is not None and cfg.selector == "pcm":
+        masker.load_state_dict(masker_state)
     group = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.group_size)
     log = None if log_path is None else open(log_path, "a")  # noqa: SIM115
     records: list[dict[str, Any]] = []
@@ -425,10 +440,12 @@ def train(
                 "grad_norm": out["grad_norm"],
                 "entropy": out["entropy"],
             }
-            stats = _phase_stats(batch, group, out["selection"], out["info"])
-            for key in ("selected_per_phase", "available_per_phase", "V_c", "V_defined"):
-                record[key] = stats[key]
-            record["keep_probabilities"] = stats["keep_probabilities"]
+            info = out["info"]
+            if info is None:  # logging only, outside the timed update
+                _, info = score_phases(masker, batch, group)
+            record.update(
+                phase_stats(out["selection"], info, selected_by_masker=cfg.selector == "pcm")
+            )
             if init_success is not None and step == start_step:
                 record["eval_success_init"] = init_success
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
@@ -447,5 +464,5 @@ def train(
     return TrainResult(
         records=records,
         optimizer_state=optimizer.state_dict(),
-        masker_state=None if masker is None else masker.state_dict(),
+        masker_state=masker.state_dict() if cfg.selector == "pcm" else None,
     )
