@@ -310,8 +310,8 @@ def test_normalizers_without_a_selection_are_verls_counts():
         ),
         (
             dict(mask=torch.ones(2, 3, dtype=torch.bool), process_group="world"),
-            ValueError,
-            r"`process_group` needs an initialised torch.distributed",
+            TypeError,
+            r"`process_group` must be a torch.distributed.ProcessGroup or None, got str",
         ),
     ],
 )
@@ -385,7 +385,7 @@ Z = torch.zeros(2, 3)
         (
             dict(loss=Z, batch_num_tokens=torch.tensor(-3)),
             ValueError,
-            r"`batch_num_tokens` must be >= 0, got 1 negative",
+            r"`batch_num_tokens` must be finite and non-negative, got 1 bad value\(s\) \(first: -3.0\)",
         ),
         (
             dict(loss=Z, batch_num_tokens=torch.tensor(float("nan"))),
@@ -417,7 +417,7 @@ Z = torch.zeros(2, 3)
         (
             dict(loss=Z, mode="seq-mean-token-mean", seq_num_tokens=torch.tensor([1.0, -1.0])),
             ValueError,
-            r"`seq_num_tokens` must be >= 0",
+            r"`seq_num_tokens` must be finite and non-negative, got 1 bad",
         ),
         (
             dict(loss=Z, weights=torch.ones(3)),
@@ -427,12 +427,12 @@ Z = torch.zeros(2, 3)
         (
             dict(loss=Z, weights=torch.tensor([1.0, -0.5])),
             ValueError,
-            r"`weights` must be >= 0, got 3 negative",
+            r"`weights` must be finite and non-negative, got 3 bad value\(s\) \(first: -0.5\)",
         ),
         (
             dict(loss=Z, weights=torch.tensor([1.0, float("nan")])),
             ValueError,
-            r"`weights` must be finite, got 3 NaN/Inf",
+            r"`weights` must be finite and non-negative, got 3 bad value\(s\) \(first: nan\)",
         ),
     ],
 )

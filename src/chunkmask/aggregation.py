@@ -22,10 +22,11 @@ from torch import Tensor
 
 from chunkmask._checks import (
     check_finite,
-    check_nonnegative,
+    check_finite_nonnegative,
     check_option,
     check_packed_rows,
     check_positive_int,
+    check_process_group,
     check_real,
     check_same_device,
     check_shape,
@@ -74,7 +75,7 @@ def _normalizer(value: Any, name: str, ref: Tensor, validate_args: bool) -> Tens
     if isinstance(value, Tensor):
         check_tensor(value, name, ndim=0, dtypes=("float", "int"))
         if values_checkable(value, validate_args):
-            check_nonnegative(value.to(torch.float64), name)
+            check_finite_nonnegative(value.to(torch.float64), name)
         return value.to(device=ref.device, dtype=ref.dtype)
     value = check_real(value, name)
     if value < 0:
@@ -218,7 +219,7 @@ def aggregate_loss(
             )
         w = weights if weights.ndim == 2 else weights[:, None].expand(loss.shape)
         if values_checkable(w, validate_args):
-            check_nonnegative(w, "weights", where=mask)
+            check_finite_nonnegative(w, "weights", where=mask)
         values = values * torch.where(mask, w.to(dtype), 0.0)
     row_sum = values.sum(dim=-1)
     row_count = mask.sum(dim=-1).to(dtype)
@@ -260,7 +261,7 @@ def aggregate_loss(
             check_shape(seq_num_tokens, "seq_num_tokens", (n_seq,))
             check_same_device(seq_num_tokens, "seq_num_tokens", loss, "loss")
             if values_checkable(seq_num_tokens, validate_args):
-                check_nonnegative(seq_num_tokens.to(torch.float64), "seq_num_tokens")
+                check_finite_nonnegative(seq_num_tokens.to(torch.float64), "seq_num_tokens")
             per_seq = safe_div(seq_sum, seq_num_tokens.to(dtype))
         total = torch.where(present, per_seq, 0.0).sum()
     else:
@@ -297,18 +298,14 @@ class LossNormalizers(NamedTuple):
     global_batch_size: Int64[Tensor, ""]
 
 
-def _check_process_group(process_group: Any) -> int:
+def _world_size(process_group: Any) -> int:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    check_process_group(process_group)
+    if not dist.is_initialized():
         raise ValueError(
             "`process_group` needs an initialised torch.distributed default group, got a "
             f"{type(process_group).__name__} while torch.distributed is not initialised."
-        )
-    if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(
-            "`process_group` must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD) or "
-            f"None, got {type(process_group).__name__}."
         )
     return dist.get_world_size(process_group)
 
@@ -363,7 +360,7 @@ def loss_normalizers(
     """
     check_option(estimator, "estimator", ("masked", "horvitz_thompson"))
     tokens_per_chunk = check_positive_int(tokens_per_chunk, "tokens_per_chunk")
-    dp_size = 1 if process_group is None else _check_process_group(process_group)
+    dp_size = 1 if process_group is None else _world_size(process_group)
     if selection is None:
         if mask is None:
             raise ValueError("`mask` is required when `selection` is None, got None.")

@@ -1,4 +1,4 @@
-"""Slow, obvious float64 loop references for `chunkmask.ppo` and `chunkmask.self_bc`."""
+"""Slow, obvious float64 loop references for chunk rewards, chunk GAE and the chunked PPO, value and BC losses."""
 
 import math
 
