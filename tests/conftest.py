@@ -7,7 +7,8 @@ The suite runs twice in CI:
   (`pytest --jaxtyping-packages=chunkmask,beartype.beartype`), which verifies every tensor
   annotation in `src/chunkmask` on every call. In that run a wrongly typed argument is stopped by
   the annotation checker before the library's own check can word its error, so tests that assert
-  error messages (their source contains `pytest.raises(`) are skipped there, and so are tests of
+  error messages (their source contains `pytest.raises(`, or calls the bad-input drivers
+  `check_rejects(` / `run_bad(`) are skipped there, and so are tests of
   `torch.compile` (jaxtyping's wrappers are not traceable by dynamo, pytorch#122093); both run in
   the plain pass.
 """
@@ -45,7 +46,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             source = inspect.getsource(function)
         except (OSError, TypeError):
             continue
-        if "pytest.raises(" in source:
+        if any(marker in source for marker in ("pytest.raises(", "check_rejects(", "run_bad(")):
             item.add_marker(skip)
         elif "torch.compile(" in source:
             item.add_marker(skip_compile)
