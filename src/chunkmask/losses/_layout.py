@@ -5,6 +5,7 @@ from typing import Any, NamedTuple
 from torch import Tensor
 
 from chunkmask._checks import check_packed_rows, check_same_device, resolve_mask
+from chunkmask.aggregation import aggregate_loss
 from chunkmask.selection import Selection
 
 
@@ -28,6 +29,22 @@ class Layout(NamedTuple):
     def rows(self, x: Tensor) -> Tensor:
         """`x` (the shape of the reference input) as a `(rows, token)` matrix."""
         return x[:, None] if self.mask.ndim == 1 else x
+
+    def aggregate(self, values: Tensor, mode: str, **kwargs: Any) -> Tensor:
+        """`aggregate_loss` of `values` (the shape of the reference input) on this layout.
+
+        `kwargs` are `aggregate_loss`'s keywords; `loss_scale_factor` defaults to the horizon.
+        """
+        if kwargs.get("loss_scale_factor") is None:
+            kwargs["loss_scale_factor"] = self.horizon
+        return aggregate_loss(
+            self.rows(values),
+            self.rows(self.mask),
+            mode,
+            segment=self.segment,
+            num_segments=self.num_segments,
+            **kwargs,
+        )
 
 
 def resolve_layout(

@@ -15,7 +15,6 @@ from chunkmask.aggregation import (
     AGGREGATION_MODES,
     AggregationMode,
     Normalizer,
-    aggregate_loss,
     compute_dtype,
 )
 from chunkmask.losses._layout import resolve_layout
@@ -89,15 +88,12 @@ def bc_loss(
     if values_checkable(logp, validate_args):
         check_finite(logp, "logp", where=mask)
     nll = -torch.where(mask, logp.to(compute_dtype(logp.dtype)), 0) / event_size
-    return aggregate_loss(
-        layout.rows(nll),
-        layout.rows(mask),
+    return layout.aggregate(
+        nll,
         loss_agg_mode,
         dp_size=dp_size,
         batch_num_tokens=batch_num_tokens,
         global_batch_size=global_batch_size,
-        loss_scale_factor=layout.horizon if loss_scale_factor is None else loss_scale_factor,
-        segment=layout.segment,
-        num_segments=layout.num_segments,
+        loss_scale_factor=loss_scale_factor,
         validate_args=validate_args,
     )

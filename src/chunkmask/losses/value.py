@@ -19,7 +19,6 @@ from chunkmask.aggregation import (
     AGGREGATION_MODES,
     AggregationMode,
     Normalizer,
-    aggregate_loss,
     compute_dtype,
 )
 from chunkmask.losses._layout import resolve_layout
@@ -128,15 +127,12 @@ def value_loss(
         old = torch.where(mask, old_values.to(dtype), 0)
         clipped = old + (v - old).clamp(-clip, clip)
         per_chunk = torch.maximum(per_chunk, err(clipped - g))
-    return aggregate_loss(
-        layout.rows(per_chunk),
-        layout.rows(mask),
+    return layout.aggregate(
+        per_chunk,
         loss_agg_mode,
         dp_size=dp_size,
         batch_num_tokens=batch_num_tokens,
         global_batch_size=global_batch_size,
-        loss_scale_factor=layout.horizon if loss_scale_factor is None else loss_scale_factor,
-        segment=layout.segment,
-        num_segments=layout.num_segments,
+        loss_scale_factor=loss_scale_factor,
         validate_args=validate_args,
     )
