@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from chunkmask._checks import check_option, check_positive_int, check_range
+from chunkmask._checks import check_option, check_positive_int, check_range, check_real
 
 __all__ = [
     "BCWeight",
@@ -28,16 +28,12 @@ __all__ = [
 
 
 def _scalar(value: Any, name: str) -> float:
+    """A finite real number, or a one-element floating tensor read as one (one sync)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"`{name}` must be a scalar, got shape {tuple(value.shape)}.")
-        value = float(value.detach())
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}.")
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"`{name}` must be finite, got {value}.")
-    return value
+        value = value.detach().reshape(()).item()
+    return check_real(value, name)
 
 
 class BCWeight:

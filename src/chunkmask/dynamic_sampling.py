@@ -18,6 +18,7 @@ from chunkmask._checks import (
     check_same_device,
     check_same_shape,
     check_tensor,
+    resolve_mask,
     values_checkable,
 )
 from chunkmask.advantages import dense_group_ids
@@ -74,12 +75,7 @@ def dynamic_sampling_mask(
     check_tensor(group, "group", ndim=1, dtypes="int")
     check_same_shape(group, "group", success, "success")
     check_same_device(group, "group", success, "success")
-    if valid is None:
-        valid = torch.ones_like(success, dtype=torch.bool)
-    else:
-        check_tensor(valid, "valid", ndim=1, dtypes="bool")
-        check_same_shape(valid, "valid", success, "success")
-        check_same_device(valid, "valid", success, "success")
+    valid = resolve_mask(valid, "valid", success, "success")
     low = check_range(low, "low", low=0.0, high=1.0)
     high = check_range(high, "high", low=low, high=1.0)
     if values_checkable(success, validate_args) and success.dtype.is_floating_point:

@@ -23,9 +23,8 @@ from torch import Tensor
 
 from chunkmask._checks import (
     check_positive_int,
-    check_same_device,
-    check_same_shape,
     check_tensor,
+    resolve_mask,
     values_checkable,
 )
 
@@ -119,12 +118,8 @@ def staleness_filter(
             raise ValueError("`valid` is only used with (traj, chunk) `versions`, got 1-D versions.")
         valid = torch.ones_like(versions, dtype=torch.bool)
         versions, valid = versions[:, None], valid[:, None]
-    elif valid is None:
-        valid = torch.ones_like(versions, dtype=torch.bool)
     else:
-        check_tensor(valid, "valid", ndim=2, dtypes="bool")
-        check_same_shape(valid, "valid", versions, "versions")
-        check_same_device(valid, "valid", versions, "versions")
+        valid = resolve_mask(valid, "valid", versions, "versions")
     big = torch.iinfo(torch.int64).max
     oldest = torch.where(valid, versions.to(torch.int64), big).amin(dim=1)
     has_chunks = valid.any(dim=1)
