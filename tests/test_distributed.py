@@ -7,7 +7,8 @@ import torch.distributed as dist
 
 from _reference.scores import PhaseScoreBufferRef
 from _spawn import run_workers
-from chunkmask.scores import PhaseScoreBuffer, success_failure_variance
+from chunkmask.score_buffer import PhaseScoreBuffer
+from chunkmask.scores import success_failure_variance
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),

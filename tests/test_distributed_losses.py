@@ -7,9 +7,10 @@ import torch.distributed as dist
 
 from _spawn import run_workers
 from chunkmask.aggregation import AGGREGATION_MODES, loss_normalizers
+from chunkmask.inclusion import inclusion_probabilities
 from chunkmask.log_probs import chunk_log_prob
 from chunkmask.losses import bc_loss, chunked_ppo_loss, masked_grpo_loss, value_loss
-from chunkmask.sampling import inclusion_probabilities, plackett_luce_sample
+from chunkmask.sampling import plackett_luce_sample
 from chunkmask.selection import Selection
 from chunkmask.shrinking import shrink
 

@@ -23,6 +23,7 @@ from chunkmask.allocation import (
     neyman_allocation_continuous,
     suggest_budget,
 )
+from chunkmask.inclusion import inclusion_probabilities
 from chunkmask.losses import masked_grpo_loss
 from chunkmask.phases import (
     NUM_PHASES,
@@ -31,14 +32,14 @@ from chunkmask.phases import (
     label_time_segments,
 )
 from chunkmask.sampling import (
-    inclusion_probabilities,
     plackett_luce_sample,
     stratified_sample,
     top_phase_sample,
     topk_sample,
     uniform_sample,
 )
-from chunkmask.scores import PhaseScoreBuffer, success_failure_variance
+from chunkmask.score_buffer import PhaseScoreBuffer
+from chunkmask.scores import success_failure_variance
 from chunkmask.selection import Selection
 from chunkmask.shrinking import shrink
 

@@ -14,8 +14,8 @@ from _reference.sampling import (
     set_probabilities,
     topk_reference,
 )
+from chunkmask.inclusion import inclusion_probabilities
 from chunkmask.sampling import (
-    inclusion_probabilities,
     plackett_luce_sample,
     stratified_sample,
     top_phase_sample,

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from _reference.scores import PhaseScoreBufferRef, success_failure_variance_ref
 from chunkmask.allocation import keep_probabilities
 from chunkmask.phases import NUM_PHASES
-from chunkmask.scores import PhaseScoreBuffer, PhaseVariance, success_failure_variance
+from chunkmask.score_buffer import PhaseScoreBuffer
+from chunkmask.scores import PhaseVariance, success_failure_variance
 
 # ---------------------------------------------------------------- batches
 

@@ -15,6 +15,7 @@ from chunkmask.aggregation import (
 )
 from chunkmask.allocation import (
     BudgetSuggestion,
+    advantage_aware_budgets,
     keep_probabilities,
     neyman_allocation,
     neyman_allocation_continuous,
@@ -36,6 +37,7 @@ from chunkmask.diagnostics import (
     selector_statistics,
 )
 from chunkmask.dynamic_sampling import dynamic_sampling_mask
+from chunkmask.inclusion import inclusion_probabilities
 from chunkmask.log_probs import chunk_log_prob
 from chunkmask.losses import (
     DecoupledPPOLossOutput,
@@ -67,14 +69,14 @@ from chunkmask.profiling import (
 )
 from chunkmask.rollout_downsampling import max_variance_downsample
 from chunkmask.sampling import (
-    inclusion_probabilities,
     plackett_luce_sample,
     stratified_sample,
     top_phase_sample,
     topk_sample,
     uniform_sample,
 )
-from chunkmask.scores import PhaseScoreBuffer, PhaseVariance, success_failure_variance
+from chunkmask.score_buffer import PhaseScoreBuffer
+from chunkmask.scores import PhaseVariance, success_failure_variance
 from chunkmask.selection import Selection
 from chunkmask.shrinking import shrink, unshrink
 from chunkmask.staleness import StalenessGate, staleness, staleness_filter
@@ -135,6 +137,7 @@ __all__ = [
     "SurrogateOutput",
     "Timing",
     "__version__",
+    "advantage_aware_budgets",
     "aggregate_loss",
     "bc_loss",
     "binomial_interval",

@@ -27,6 +27,7 @@ from chunkmask._checks import (
 
 __all__ = [
     "BudgetSuggestion",
+    "advantage_aware_budgets",
     "keep_probabilities",
     "neyman_allocation",
     "neyman_allocation_continuous",
@@ -459,3 +460,91 @@ def suggest_budget(
     if float(gap[best]) <= 1e-12:
         best = n
     return BudgetSuggestion(best, best / max(n, 1), curve_x, curve_y)
+
+
+def advantage_aware_budgets(
+    advantages: Real[Tensor, " traj"],
+    num_chunks: Integer[Tensor, " traj"],
+    budget: int,
+    *,
+    max_budget: int | None = None,
+    total_budget: int | Integer[Tensor, ""] | None = None,
+) -> Int64[Tensor, " traj"]:
+    r"""Per-trajectory chunk budgets that spend nothing where the advantage is zero.
+
+    A trajectory with $A_i = 0$ (its group all succeeded or all failed, Eq. 1) contributes no
+    policy gradient, yet a fixed budget $B$ per trajectory spends chunks on it. This moves that
+    budget to the trajectories with $A_i \ne 0$: with $c_i = \min(T_i, \text{max\_budget})$ their
+    caps and $R$ the total, the budgets water-fill
+
+    $$
+    b_i = \min(c_i, \lambda) + [\text{one of the first } r \text{ rows with } c_i > \lambda],
+    \qquad \lambda = \max\{\ell : \textstyle\sum_{i: A_i \ne 0} \min(c_i, \ell) \le R\},
+    $$
+
+    so every informative trajectory gets the same budget where its length allows, the leftover
+    $r < |\{i : c_i > \lambda\}|$ going one chunk each to the first such rows. The default total
+    is what a fixed budget would spend, $R = \sum_i \min(B, T_i)$ over all trajectories, so the
+    update's compute is unchanged. Dropping the zero-advantage chunks biases nothing (their
+    gradient is exactly 0); the per-row budgets go to `plackett_luce_sample(..., budgets=)` and
+    `inclusion_probabilities(weights, budgets)`. Static shapes; no host sync when `max_budget`
+    is given (without it the largest cap is read once).
+
+    Args:
+        advantages: `(traj,)` advantages (0 exactly for uninformative trajectories).
+        num_chunks: `(traj,)` valid chunk counts $T_i \ge 0$.
+        budget: the per-trajectory budget $B \ge 1$ that sets the default total.
+        max_budget: the largest budget of one trajectory (the Selection's slot count); None for
+            no cap beyond $T_i$.
+        total_budget: $R \ge 0$, overriding the default total.
+
+    Returns:
+        `(traj,)` int64 budgets, 0 where $A_i = 0$, summing to $\min(R, \sum_{A_i \ne 0} c_i)$.
+
+    Raises:
+        TypeError: on a non-real `advantages`, a non-integer `num_chunks`, or a non-int budget.
+        ValueError: on shapes or devices that differ, non-positive budgets, a negative
+            `total_budget`, or (on the CPU) negative `num_chunks`.
+
+    Example:
+        >>> import torch
+        >>> adv = torch.tensor([0.0, 1.2, -0.4, 0.0, 0.7])
+        >>> advantage_aware_budgets(adv, torch.tensor([64, 64, 10, 64, 64]), 12).tolist()
+        [0, 24, 10, 0, 24]
+    """
+    check_tensor(advantages, "advantages", ndim=1, dtypes=("float", "int"))
+    check_tensor(num_chunks, "num_chunks", ndim=1, dtypes="int")
+    check_same_shape(num_chunks, "num_chunks", advantages, "advantages")
+    check_same_device(num_chunks, "num_chunks", advantages, "advantages")
+    budget = check_positive_int(budget, "budget")
+    if max_budget is not None:
+        max_budget = check_positive_int(max_budget, "max_budget")
+    lengths = num_chunks.to(torch.int64)
+    if lengths.device.type == "cpu" and lengths.numel() and int(lengths.min()) < 0:
+        raise ValueError(f"`num_chunks` must be >= 0, got {int(lengths.min())}.")
+    if total_budget is None:
+        total = lengths.clamp(max=budget).sum()
+    elif isinstance(total_budget, Tensor):
+        check_tensor(total_budget, "total_budget", ndim=0, dtypes="int")
+        total = total_budget.to(device=lengths.device, dtype=torch.int64)
+    else:
+        total = torch.tensor(
+            check_positive_int(total_budget, "total_budget", allow_zero=True),
+            dtype=torch.int64,
+            device=lengths.device,
+        )
+    informative = advantages != 0
+    caps = torch.where(informative, lengths.clamp_min(0), 0)
+    if max_budget is not None:
+        caps = caps.clamp(max=max_budget)
+    if caps.numel() == 0:
+        return caps
+    top = int(max_budget) if max_budget is not None else None
+    levels = torch.arange((top if top is not None else int(caps.max())) + 1, device=caps.device)
+    spent = torch.minimum(caps[:, None], levels[None, :]).sum(0)  # (levels,), non-decreasing
+    level = ((spent <= total).sum() - 1).clamp_min(0)
+    base = torch.minimum(caps, level)
+    left = (total - base.sum()).clamp_min(0)
+    room = caps > level
+    order = torch.cumsum(room.to(torch.int64), 0)
+    return base + (room & (order <= left)).to(torch.int64)

@@ -23,9 +23,12 @@ from chunkmask._checks import (
     check_tensor,
     resolve_valid,
 )
+from chunkmask.allocation import advantage_aware_budgets
+from chunkmask.inclusion import inclusion_probabilities
 from chunkmask.phases import NUM_PHASES, Phase, gripper_close_fraction, label_gripper_phases
-from chunkmask.sampling import inclusion_probabilities, plackett_luce_sample
-from chunkmask.scores import PhaseScoreBuffer, _success_failure_variance
+from chunkmask.sampling import plackett_luce_sample
+from chunkmask.score_buffer import PhaseScoreBuffer
+from chunkmask.scores import _success_failure_variance
 from chunkmask.selection import Selection
 
 
@@ -100,6 +103,14 @@ class ProbabilisticChunkMasker:
             of the union batch when every group's rollouts sit on one rank.
         validate_args: run the value checks of the primitives on the user's inputs (finite
             actions, phase ids and group ids in range); they synchronise with the device.
+        advantage_aware: spend no chunks on trajectories with advantage 0 and give their budget
+            to the others (`advantage_aware_budgets`); `select` then needs `advantages=`. The
+            total number of chunks is what a fixed budget would spend, so the update costs the
+            same. With the `seq-mean-token-mean` loss, pass `global_batch_size` = the number of
+            trajectories (or `loss_normalizers` of the full batch) so that the loss keeps full
+            GRPO's scale; the dropped trajectories' gradient is exactly zero.
+        max_budget: the Selection's slot count with `advantage_aware` (one trajectory's largest
+            budget); None uses the padded chunk count `N` of each batch.
 
     Notes:
         - Host synchronisation. With `validate_args=False`, `inclusion=False`, no
@@ -153,8 +164,16 @@ class ProbabilisticChunkMasker:
         global_rng: bool = False,
         process_group: Any = None,
         validate_args: bool = True,
+        advantage_aware: bool = False,
+        max_budget: int | None = None,
     ) -> None:
         self.budget = check_positive_int(budget, "budget")
+        self.advantage_aware = check_bool(advantage_aware, "advantage_aware")
+        self.max_budget = None if max_budget is None else check_positive_int(max_budget, "max_budget")
+        if self.max_budget is not None and self.max_budget < self.budget:
+            raise ValueError(
+                f"`max_budget` must be >= `budget` ({self.budget}), got {self.max_budget}."
+            )
         self.num_phases = check_positive_int(num_phases, "num_phases")
         self.weighting = check_option(weighting, "weighting", ("uniform", "balance"))
         if labeler is not None and not callable(labeler):
@@ -251,6 +270,7 @@ class ProbabilisticChunkMasker:
         gripper: Real[Tensor, "traj chunk step"] | None = None,
         phases: Int64[Tensor, "traj chunk"] | None = None,
         num_groups: int | None = None,
+        advantages: Real[Tensor, " traj"] | None = None,
     ) -> tuple[Selection, MaskerInfo]:
         """Score phases on this batch, update the keep probabilities and draw `B` chunks each.
 
@@ -264,6 +284,8 @@ class ProbabilisticChunkMasker:
             phases: `(traj, N)` precomputed phase ids; skips labelling when given.
             num_groups: the number of groups `G` when `group` holds dense ids in `[0, G)`;
                 avoids the host sync of `torch.unique` (see the class notes).
+            advantages: `(traj,)` advantages; required with `advantage_aware` (ignored
+                otherwise).
 
         Returns:
             The `Selection` (at most `B` chunks per trajectory, all of them when a trajectory
@@ -297,8 +319,29 @@ class ProbabilisticChunkMasker:
         phases = torch.where(valid, phases.to(torch.int64), int(Phase.PAD))
         phase_index = phases.clamp(0, self.num_phases - 1)
         weights = torch.where(valid, keep[phase_index], 0.0)
+        slots, budgets = self.budget, None
+        if self.advantage_aware:
+            if advantages is None:
+                raise ValueError(
+                    "`advantages` is required when the masker is `advantage_aware`, got None."
+                )
+            check_tensor(advantages, "advantages", ndim=1, dtypes=("float", "int"))
+            if advantages.shape[0] != valid.shape[0]:
+                raise ValueError(
+                    f"`advantages` must have shape ({valid.shape[0]},) (one per trajectory of "
+                    f"`actions`), got {tuple(advantages.shape)}."
+                )
+            slots = max(valid.shape[1], 1) if self.max_budget is None else self.max_budget
+            budgets = advantage_aware_budgets(
+                advantages.to(valid.device), valid.sum(1), self.budget, max_budget=slots
+            )
         selection = plackett_luce_sample(
-            weights, self.budget, valid=valid, generator=self.generator, validate_args=False
+            weights,
+            slots,
+            valid=valid,
+            generator=self.generator,
+            budgets=budgets,
+            validate_args=False,
         )
         chosen = selection.chunk_mask()
         # One-hot by comparison: `one_hot` checks its input range on the host.
@@ -307,7 +350,9 @@ class ProbabilisticChunkMasker:
         per_phase_valid = (one_hot & valid[..., None]).sum(dim=(0, 1))
         pi = None
         if self.inclusion:
-            pi = inclusion_probabilities(weights, self.budget, valid=valid)
+            pi = inclusion_probabilities(
+                weights, self.budget if budgets is None else budgets, valid=valid
+            )
         info = MaskerInfo(
             phases=phases,
             keep_probabilities=keep,
