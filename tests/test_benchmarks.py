@@ -399,3 +399,22 @@ def test_run_chunked_ppo_aggregates_the_example_outputs(bench, tmp_path, capsys)
     assert list(task) == ["sft", "ppo", "ppo_sbc"]
     assert task["sft"]["per_seed"]["seeds"] == [0, 1] and task["ppo"]["success"] == 0.6
     assert (docs / "img" / "chunked_ppo_drawer-close-v3.png").stat().st_size > 0
+
+
+def test_selector_diagnostics_quick_writes_the_report_and_resumes(bench, tmp_path):
+    pytest.importorskip("gymnasium")
+    diag = bench("selector_diagnostics")
+    out, report = tmp_path / "diag", tmp_path / "report.json"
+    assert diag.main(["--quick", "--out", str(out), "--report", str(report), "--threads", "1"]) == 0
+    result = json.loads(report.read_text())
+    assert result["batches"] == 3
+    assert set(result["selectors"]) == set(diag.SELECTORS)
+    for row in result["selectors"].values():
+        assert {"second_moment_ratio", "signal_ratio", "signal_ratio_se", "efficiency",
+                "chunk_fraction", "efficiency_per_compute"} <= set(row)
+    assert set(result["phase_shares"]) == {"full", "pcm"}
+    assert abs(sum(result["phase_chunk_fraction"].values()) - 1.0) < 1e-9
+    # a second call finds every batch saved and only reports
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("batch*.pt")}
+    assert diag.main(["--quick", "--out", str(out), "--report", str(report)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("batch*.pt")} == stamps
