@@ -1,5 +1,6 @@
 """chunkmask: spend RL gradient compute only on the action chunks where outcomes diverge."""
 
+from chunkmask.action_tokenizer import ActionTokenizer
 from chunkmask.advantages import (
     ChunkGAEOutput,
     chunk_gae,
@@ -102,6 +103,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGGREGATION_MODES",
+    "ActionTokenizer",
     "AdmitSuccessful",
     "BCWeight",
     "BinomialInterval",

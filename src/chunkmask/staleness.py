@@ -158,7 +158,8 @@ class StalenessGate:
 
     Example:
         >>> gate = StalenessGate(batch_size=2, max_staleness=0)
-        >>> [gate.try_start(version=0) for _ in range(3)]
+        >>> starts = [gate.try_start(version=0) for _ in range(3)]
+        >>> starts
         [True, True, False]
         >>> gate.finish(accepted=True); gate.finish(accepted=True)
         >>> gate.try_start(version=0), gate.try_start(version=1)
