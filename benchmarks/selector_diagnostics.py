@@ -1,6 +1,6 @@
 """What each chunk selector costs in gradient signal on the testbed's SFT policy.
 
-    python benchmarks/selector_diagnostics.py --out runs/diag --batches 40
+    python benchmarks/selector_diagnostics.py --out runs/diag --batches 30
     python benchmarks/selector_diagnostics.py --out runs/diag --report docs/selector_diagnostics.json
 
 For each of `--batches` independent rollout batches (8 prompts x 8 rollouts from the seed-0 SFT
@@ -9,7 +9,7 @@ full GRPO gradient and each selector's gradient on the same batch, sketches them
 (`chunkmask.GradientSketch`) and saves the sketches per batch, so an interrupted run resumes
 where it stopped. The report is `chunkmask.selector_statistics` per selector (second-moment
 inflation, signal ratio, predicted per-step efficiency, jackknife SEs over batches) and the phase
-shares of the full and the PCM gradients (`chunkmask.phase_shares`).
+shares of the PCM gradient (`chunkmask.phase_shares`).
 
 The policy is not updated: every gradient is the on-policy gradient at the SFT checkpoint (ratio 1),
 the quantity a first step would follow. Selectors, all at the testbed's `B = 12` unless stated:
@@ -75,13 +75,13 @@ SELECTORS = (
     "entropy_topk",
     "pods",
 )
-PHASE_SHARES = ("full", "pcm")
+PHASE_SHARES = ("pcm",)
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for the per-batch sketches")
-    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--batches", type=int, default=30)
     p.add_argument("--seed", type=int, default=0, help="the SFT checkpoint's seed")
     p.add_argument("--sketch-dim", type=int, default=8192)
     p.add_argument("--budget", type=int, default=12)
@@ -99,6 +99,7 @@ def setup(args):
     state = sft_checkpoint(cfg, env_cfg, args.out / f"sft_seed{cfg.seed}.pt")
     policy = make_policy(cfg, env_cfg)
     policy.load_state_dict(state)
+    policy.gradient_checkpointing = False  # no update follows: keep activations, skip recomputing
     return cfg, env_cfg, policy
 
 
@@ -187,13 +188,9 @@ def one_batch(b, args, cfg, env_cfg, policy, maskers, sketch):
         actions=batch.actions, success=success, group=group, valid=valid, advantages=adv
     )
     phases = info.phases
-    # full GRPO, with its phase decomposition
     full = Selection.from_mask(valid)
-    loss, logp, packed = loss_of(policy, batch, adv, full, train)
-    parts = phase_parts(policy, logp, packed, full, phases, train)
-    record["full"] = grad_sketch(loss, retain=True)
-    record["full_parts"] = torch.stack([grad_sketch(p, retain=i < NUM_PHASES - 1)
-                                        for i, p in enumerate(parts)])
+    loss, _, _ = loss_of(policy, batch, adv, full, train)
+    record["full"] = grad_sketch(loss)
     record["chunks"] = {"full": int(valid.sum())}
     keep = max_variance_downsample(success.float(), group, args.pods_keep)
     adv_pods = group_relative_advantages(success.float(), group, valid=keep)
@@ -348,14 +345,13 @@ def table(out):
             f"{fmt(r['signal_ratio_se'])} | {fmt(r['efficiency'], '.3f')} ± "
             f"{fmt(r['efficiency_se'], '.3f')} | {fmt(r['efficiency_per_compute'])} |"
         )
-    lines += ["", "| phase | chunks | full: signal | full: 2nd moment | pcm: signal | pcm: 2nd moment |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| phase | chunks | pcm: signal share | pcm: second-moment share |",
+              "|---|---|---|---|"]
     for phase, frac in out["phase_chunk_fraction"].items():
-        f, p = out["phase_shares"]["full"][phase], out["phase_shares"]["pcm"][phase]
+        p = out["phase_shares"]["pcm"][phase]
         lines.append(
-            f"| {phase} | {frac:.2f} | {fmt(f['signal'])} ± {fmt(f['signal_se'])} | "
-            f"{fmt(f['second_moment'])} | {fmt(p['signal'])} ± {fmt(p['signal_se'])} | "
-            f"{fmt(p['second_moment'])} |"
+            f"| {phase} | {frac:.2f} | {fmt(p['signal'])} ± {fmt(p['signal_se'])} | "
+            f"{fmt(p['second_moment'])} ± {fmt(p['second_moment_se'])} |"
         )
     return "\n".join(lines)
 

@@ -412,7 +412,7 @@ def test_selector_diagnostics_quick_writes_the_report_and_resumes(bench, tmp_pat
     for row in result["selectors"].values():
         assert {"second_moment_ratio", "signal_ratio", "signal_ratio_se", "efficiency",
                 "chunk_fraction", "efficiency_per_compute"} <= set(row)
-    assert set(result["phase_shares"]) == {"full", "pcm"}
+    assert set(result["phase_shares"]) == {"pcm"}
     assert abs(sum(result["phase_chunk_fraction"].values()) - 1.0) < 1e-9
     # a second call finds every batch saved and only reports
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("batch*.pt")}
