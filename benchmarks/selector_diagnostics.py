@@ -76,6 +76,9 @@ SELECTORS = (
     "pods",
 )
 PHASE_SHARES = ("pcm",)
+# Selectors whose expectation is the full gradient by construction (signal ratio exactly 1):
+# uniform chunks under a per-trajectory token mean with equal-length chunks, and Horvitz-Thompson.
+UNBIASED = ("random", "pcm_ht", "random_aa", "pcm_aa_ht")
 
 
 def parse(argv=None):
@@ -303,6 +306,13 @@ def report(args):
         row["chunk_fraction"] = fraction
         eff = row["efficiency"]
         row["efficiency_per_compute"] = eff / fraction if eff is not None and fraction > 0 else None
+        row["unbiased"] = name in UNBIASED
+        if name in UNBIASED and row["second_moment_ratio"]:
+            # signal ratio 1 exactly, so efficiency = 1 / inflation (delta-method SE)
+            infl, infl_se = row["second_moment_ratio"], row["second_moment_ratio_se"]
+            row["efficiency_unbiased"] = 1.0 / infl
+            row["efficiency_unbiased_se"] = infl_se / infl**2
+            row["efficiency_unbiased_per_compute"] = 1.0 / (infl * fraction) if fraction else None
         out["selectors"][name] = row
     for name in PHASE_SHARES:
         parts = torch.stack([r[f"{name}_parts"] for r in records])
@@ -335,15 +345,18 @@ def table(out):
         f"{fmt(out['full_signal_fraction'], '.4f')} ± {fmt(out['full_signal_fraction_se'], '.4f')}; "
         f"informative trajectories {out['informative_fraction']:.2f}",
         "",
-        "| selector | chunks | inflation | signal ratio | efficiency | efficiency / compute |",
+        "| selector | chunks | inflation | signal ratio (measured) | efficiency if unbiased | "
+        "per unit compute |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in out["selectors"].items():
+        unbiased = r.get("efficiency_unbiased")
         lines.append(
             f"| {name} | {r['chunk_fraction']:.3f} | {fmt(r['second_moment_ratio'])} ± "
             f"{fmt(r['second_moment_ratio_se'])} | {fmt(r['signal_ratio'])} ± "
-            f"{fmt(r['signal_ratio_se'])} | {fmt(r['efficiency'], '.3f')} ± "
-            f"{fmt(r['efficiency_se'], '.3f')} | {fmt(r['efficiency_per_compute'])} |"
+            f"{fmt(r['signal_ratio_se'])} | "
+            + (f"{unbiased:.3f} ± {r['efficiency_unbiased_se']:.3f} | "
+               f"{fmt(r['efficiency_unbiased_per_compute'])} |" if unbiased else "biased | – |")
         )
     lines += ["", "| phase | chunks | pcm: signal share | pcm: second-moment share |",
               "|---|---|---|---|"]
