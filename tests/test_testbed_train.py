@@ -242,3 +242,48 @@ def test_sft_expert_and_policy_bad_arguments_name_them():
         policy.sample(obs, temperature=0.0)
     with pytest.raises(ValueError, match=r"`temperature` must lie in \(0.0, inf\), got -1.0"):
         policy.log_prob(obs, torch.zeros(2, 40, dtype=torch.long), temperature=-1.0)
+
+
+def _designed_batch():
+    """A real rollout batch whose outcomes are then set: group 0 all succeed, group 1 is mixed."""
+    from chunkmask.testbed.trainer import held_out_states
+
+    policy = _policy()
+    env = PickPlaceVectorEnv(6, ENV)
+    batch = rollout(policy, env, held_out_states(2, ENV).repeat_interleave(3),
+                    generator=torch.Generator().manual_seed(0))
+    batch = batch._replace(
+        success=torch.tensor([True, True, True, True, False, False]),
+        valid=torch.ones_like(batch.valid),
+    )
+    return policy, batch, torch.tensor([0, 0, 0, 1, 1, 1])
+
+
+@pytest.mark.parametrize(
+    ("selector", "aa", "want"),
+    [
+        ("full", False, [0, 0, 0, 4, 4, 4]),  # dynamic sampling drops group 0
+        ("pcm", False, [0, 0, 0, 2, 2, 2]),
+        ("random", False, [0, 0, 0, 2, 2, 2]),
+        ("pcm", True, [0, 0, 0, 4, 4, 4]),  # the dropped rows' 6 chunks move to group 1 (capped)
+        ("random", True, [0, 0, 0, 4, 4, 4]),
+    ],
+)
+def test_dynamic_sampling_and_advantage_aware_budgets(selector, aa, want):
+    from chunkmask.testbed.trainer import make_masker, update
+
+    policy, batch, group = _designed_batch()
+    cfg = _cfg(selector, dynamic_sampling=True, advantage_aware=aa, mini_batch=6)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    out = update(policy, optimizer, batch, group, cfg, masker=make_masker(cfg),
+                 generator=torch.Generator().manual_seed(1))
+    assert out["selection"].counts.tolist() == want
+    assert out["chunks"] == sum(want)
+    assert math.isfinite(out["loss"])
+
+
+def test_advantage_aware_needs_a_budgeted_selector():
+    with pytest.raises(ValueError, match=r"`advantage_aware` applies to selector 'pcm' or 'random'"):
+        TrainConfig(selector="full", advantage_aware=True)
+    with pytest.raises(TypeError, match=r"`dynamic_sampling` must be a bool"):
+        TrainConfig(dynamic_sampling=1)

@@ -12,7 +12,11 @@ take one clipped-surrogate AdamW step on the rollouts' action tokens. The only t
 - `"entropy_topk"`: the `B` chunks of highest policy entropy.
 
 With PCM the whole change to the loop is the `masker.select` call and the `shrink` of the batch
-to the selected chunks (`update` below).
+to the selected chunks (`update` below). Two options apply to every selector:
+`dynamic_sampling` drops the groups whose success rate lies outside `[0.1, 0.9]` before the update
+(SimpleVLA-RL's filter: such groups have advantage 0), and `advantage_aware` (`"pcm"` and
+`"random"`) gives the budget of zero-advantage trajectories to the others
+(`advantage_aware_budgets`), so the update back-propagates as many chunks as with a fixed `B`.
 """
 
 import json
@@ -30,14 +34,17 @@ from chunkmask import (
     MaskerInfo,
     ProbabilisticChunkMasker,
     Selection,
+    advantage_aware_budgets,
+    dynamic_sampling_mask,
     group_relative_advantages,
     masked_grpo_loss,
+    plackett_luce_sample,
     shrink,
     top_phase_sample,
     topk_sample,
     uniform_sample,
 )
-from chunkmask._checks import check_option, check_positive_int, check_range
+from chunkmask._checks import check_bool, check_option, check_positive_int, check_range
 from chunkmask.testbed.env import InitialState, PickPlaceConfig, PickPlaceVectorEnv
 from chunkmask.testbed.env import sample_initial_states as _sample_states
 from chunkmask.testbed.policy import TokenChunkPolicy
@@ -77,6 +84,10 @@ class TrainConfig:
         eval_every: evaluation period in steps.
         eval_greedy: evaluate with the most likely action tokens instead of sampling.
         seed: seeds the prompts, the rollout sampling and the selectors.
+        dynamic_sampling: drop, before the update, the groups whose success rate lies outside
+            `[0.1, 0.9]` (`dynamic_sampling_mask`): their advantage is 0.
+        advantage_aware: (`"pcm"` and `"random"`) no chunks for zero-advantage trajectories, the
+            same total spread over the others (`advantage_aware_budgets`).
     """
 
     selector: Selector = "full"
@@ -99,6 +110,8 @@ class TrainConfig:
     eval_every: int = 2
     eval_greedy: bool = False
     seed: int = 0
+    dynamic_sampling: bool = False
+    advantage_aware: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -130,6 +143,13 @@ class TrainConfig:
             check_range(getattr(self, name), name, low=0.0)
         check_range(self.clip_low, "clip_low", low=0.0, high=1.0, low_open=True, high_open=True)
         check_range(self.p_min, "p_min", low=0.0, high=1.0)
+        check_bool(self.dynamic_sampling, "dynamic_sampling")
+        check_bool(self.advantage_aware, "advantage_aware")
+        if self.advantage_aware and self.selector not in ("pcm", "random"):
+            raise ValueError(
+                "`advantage_aware` applies to selector 'pcm' or 'random', got "
+                f"{self.selector!r}."
+            )
 
 
 class TrainResult(NamedTuple):
@@ -187,15 +207,29 @@ def make_masker(cfg: TrainConfig) -> ProbabilisticChunkMasker:
         p_min=cfg.p_min,
         inclusion=cfg.selector == "pcm" and cfg.estimator == "horvitz_thompson",
         seed=cfg.seed,
+        advantage_aware=cfg.selector == "pcm" and cfg.advantage_aware,
     )
 
 
 def score_phases(
-    masker: ProbabilisticChunkMasker, batch: RolloutBatch, group: Int64[Tensor, " traj"]
+    masker: ProbabilisticChunkMasker,
+    batch: RolloutBatch,
+    group: Int64[Tensor, " traj"],
+    *,
+    valid: Tensor | None = None,
+    advantages: Tensor | None = None,
 ) -> tuple[Selection, MaskerInfo]:
-    """Run `masker` on a rollout batch: its selection and its `MaskerInfo` (phases, `V_c`, ...)."""
+    """Run `masker` on a rollout batch: its selection and its `MaskerInfo` (phases, `V_c`, ...).
+
+    `valid` replaces the batch's own (after dynamic sampling); `advantages` feed an
+    advantage-aware masker.
+    """
     return masker.select(
-        actions=batch.actions, success=batch.success, group=group, valid=batch.valid
+        actions=batch.actions,
+        success=batch.success,
+        group=group,
+        valid=batch.valid if valid is None else valid,
+        advantages=advantages if masker.advantage_aware else None,
     )
 
 
@@ -206,24 +240,30 @@ def baseline_selection(
     *,
     budget: int,
     generator: torch.Generator,
+    valid: Tensor | None = None,
+    budgets: Tensor | None = None,
 ) -> Selection:
     """The chunks a non-PCM selector sends into the update (`"full"` keeps every chunk).
 
     `info` is the masker's `MaskerInfo` of this batch; only `"top_phase"` needs it (its phases
-    and `V_c`).
+    and `V_c`). `valid` replaces the batch's own (after dynamic sampling); `budgets` are
+    per-trajectory budgets for `"random"` (advantage-aware).
     """
+    valid = batch.valid if valid is None else valid
     if selector == "full":
-        return Selection.from_mask(batch.valid)
+        return Selection.from_mask(valid)
     if selector == "random":
-        return uniform_sample(batch.valid, budget, generator=generator)
+        if budgets is not None:
+            return plackett_luce_sample(
+                valid.float(), valid.shape[1], valid=valid, budgets=budgets, generator=generator
+            )
+        return uniform_sample(valid, budget, generator=generator)
     if selector == "top_phase":
         if info is None:
             raise ValueError("`info` must be given for selector 'top_phase', got None.")
-        return top_phase_sample(
-            info.phases, info.scores, budget, valid=batch.valid, generator=generator
-        )
+        return top_phase_sample(info.phases, info.scores, budget, valid=valid, generator=generator)
     if selector == "entropy_topk":
-        return topk_sample(batch.entropy, budget, valid=batch.valid)
+        return topk_sample(batch.entropy, budget, valid=valid)
     raise ValueError(f"`selector` must be one of {SELECTORS}, got {selector!r}.")
 
 
@@ -245,15 +285,32 @@ def update(
     """
     rewards = batch.success.float()
     advantages = group_relative_advantages(rewards, group)  # Eq. 1, on the full batch
+    valid = batch.valid
+    if cfg.dynamic_sampling:  # drop the groups whose rollouts all agree (advantage 0)
+        valid = valid & dynamic_sampling_mask(batch.success, group)[:, None]
 
     info = None
     if cfg.selector == "pcm":  # PCM: score the phases, draw B chunks per trajectory (Eq. 5-10)
-        selection, info = score_phases(masker, batch, group)
+        # An advantage-aware masker sees every trajectory: it gives the zero-advantage ones (the
+        # groups dynamic sampling drops) no chunks and spreads their budget over the others.
+        scored = batch.valid if cfg.advantage_aware else valid
+        selection, info = score_phases(masker, batch, group, valid=scored, advantages=advantages)
     else:
         if cfg.selector == "top_phase":  # the phases and V_c of this batch, from the masker
-            _, info = score_phases(masker, batch, group)
+            _, info = score_phases(masker, batch, group, valid=valid)
+        budgets = None
+        if cfg.advantage_aware:  # the same total as B per trajectory, none where A = 0
+            budgets = advantage_aware_budgets(
+                advantages, batch.valid.sum(1), cfg.budget, max_budget=valid.shape[1]
+            ) * valid.any(1)
         selection = baseline_selection(
-            cfg.selector, batch, info, budget=cfg.budget, generator=generator
+            cfg.selector,
+            batch,
+            info,
+            budget=cfg.budget,
+            generator=generator,
+            valid=valid,
+            budgets=budgets,
         )
 
     # PPO mini-batches of whole trajectories (one AdamW step each), in a shuffled order.
