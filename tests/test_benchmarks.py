@@ -418,3 +418,26 @@ def test_selector_diagnostics_quick_writes_the_report_and_resumes(bench, tmp_pat
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("batch*.pt")}
     assert diag.main(["--quick", "--out", str(out), "--report", str(report)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("batch*.pt")} == stamps
+
+
+def test_evidence_study_quick_writes_seeds_and_report(bench, tmp_path):
+    pytest.importorskip("gymnasium")
+    study = bench("evidence_study")
+    results, report = tmp_path / "res", tmp_path / "evidence.md"
+    argv = ["--quick", "--out", str(tmp_path / "runs"), "--results", str(results),
+            "--report", str(report), "--threads", "1"]
+    assert study.main(argv) == 0
+    seeds = sorted(p.name for p in results.glob("seed*.json"))
+    assert seeds == ["seed0.json", "seed1.json"]
+    record = json.loads((results / "seed0.json").read_text())
+    assert set(record["arms"]) == set(study.ARMS)
+    data = json.loads(report.with_suffix(".json").read_text())
+    for arm in ("pcm", "random_aa", "pcm_aa"):
+        row = data["rq1"]["arms"][arm]
+        assert {"diff_vs_grpo_pp", "diff_ci95_pp", "per_seed_diff_pp", "tost_equivalent",
+                "seeds", "update_speedup"} <= set(row)
+        assert len(row["per_seed_diff_pp"]) == row["seeds"] == 2
+    # resumes: a second run trains nothing (cached arms, finished seeds)
+    stamps = {p.name: p.stat().st_mtime_ns for p in results.glob("seed*.json")}
+    assert study.main(argv) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in results.glob("seed*.json")} == stamps
