@@ -262,3 +262,15 @@ def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}.")
     return value
+
+
+def count_tensor(value: Any, name: str, device: torch.device) -> Tensor:
+    """A count >= 0 given as an int or a 0-d integer tensor, as a 0-d int64 tensor on `device`.
+
+    A tensor is not read on the host (no sync); an int is checked by `check_positive_int`.
+    """
+    if isinstance(value, Tensor):
+        check_tensor(value, name, ndim=0, dtypes="int")
+        return value.to(device=device, dtype=torch.int64)
+    count = check_positive_int(value, name, allow_zero=True)
+    return torch.tensor(count, dtype=torch.int64, device=device)

@@ -22,6 +22,7 @@ from chunkmask._checks import (
     check_same_device,
     check_same_shape,
     check_tensor,
+    count_tensor,
     resolve_mask,
 )
 
@@ -524,15 +525,8 @@ def advantage_aware_budgets(
         raise ValueError(f"`num_chunks` must be >= 0, got {int(lengths.min())}.")
     if total_budget is None:
         total = lengths.clamp(max=budget).sum()
-    elif isinstance(total_budget, Tensor):
-        check_tensor(total_budget, "total_budget", ndim=0, dtypes="int")
-        total = total_budget.to(device=lengths.device, dtype=torch.int64)
     else:
-        total = torch.tensor(
-            check_positive_int(total_budget, "total_budget", allow_zero=True),
-            dtype=torch.int64,
-            device=lengths.device,
-        )
+        total = count_tensor(total_budget, "total_budget", lengths.device)
     informative = advantages != 0
     caps = torch.where(informative, lengths.clamp_min(0), 0)
     if max_budget is not None:

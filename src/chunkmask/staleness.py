@@ -24,6 +24,7 @@ from torch import Tensor
 from chunkmask._checks import (
     check_positive_int,
     check_tensor,
+    count_tensor,
     resolve_mask,
     values_checkable,
 )
@@ -54,15 +55,7 @@ def staleness(
         [2, 0, 1]
     """
     check_tensor(versions, "versions", dtypes="int")
-    if isinstance(current_version, Tensor):
-        check_tensor(current_version, "current_version", ndim=0, dtypes="int")
-        current = current_version.to(device=versions.device, dtype=torch.int64)
-    else:
-        current = torch.tensor(
-            check_positive_int(current_version, "current_version", allow_zero=True),
-            dtype=torch.int64,
-            device=versions.device,
-        )
+    current = count_tensor(current_version, "current_version", versions.device)
     out = current - versions.to(torch.int64)
     if values_checkable(versions, False) and versions.numel():
         if bool((versions < 0).any()):
