@@ -327,3 +327,55 @@ def test_load_state_dict_rejects_bad_states():
     # Nothing was changed by the rejected loads.
     torch.testing.assert_close(masker.keep_probabilities, before)
     masker.load_state_dict(state)
+
+
+def test_cause_scoring_is_the_composition_with_the_onset_labeler():
+    """labeler=onset, scored_phases=(approach, onset), min_groups, weighted window: exactly the
+    primitives composed by hand (the phases after the first attempt fall to p_min)."""
+    from chunkmask import NUM_ONSET_PHASES, OnsetPhase, label_grasp_onset
+
+    def labeler(gripper, valid):
+        frac = chunkmask.gripper_close_fraction(gripper, valid, close="positive")
+        return label_grasp_onset(frac, valid, lead=2)
+
+    scored = (OnsetPhase.APPROACH, OnsetPhase.ONSET)
+    masker = ProbabilisticChunkMasker(
+        budget=4, num_phases=NUM_ONSET_PHASES, labeler=labeler, scored_phases=scored, seed=3,
+        refresh_every=2, window="weighted", min_groups=2,
+    )
+    buffer = chunkmask.PhaseScoreBuffer(NUM_ONSET_PHASES, refresh_every=2, window="weighted",
+                                        min_groups=2)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(4):
+        batch = rollouts(seed=step)
+        sel, info = masker.select(**batch)
+        phases = labeler(batch["actions"][..., -1], batch["valid"])
+        var = chunkmask.success_failure_variance(
+            batch["actions"], phases, batch["success"], batch["group"],
+            num_phases=NUM_ONSET_PHASES, valid=batch["valid"],
+        )
+        defined = var.defined & torch.tensor([True, True, False, False])
+        keep = buffer.update(var.scores, defined, weight=var.group_defined.sum(0).float())
+        assert torch.equal(info.phases, phases)
+        torch.testing.assert_close(info.keep_probabilities, keep)
+        assert info.keep_probabilities[2:].tolist() == pytest.approx([0.1, 0.1])
+        weights = torch.where(batch["valid"], keep[phases.clamp_min(0)], 0.0)
+        ref = chunkmask.plackett_luce_sample(weights, 4, valid=batch["valid"], generator=gen)
+        assert torch.equal(sel.indices, ref.indices)
+
+
+def test_scored_phases_and_robust_buffer_errors():
+    with pytest.raises(ValueError, match=r"`scored_phases` must hold at least one id in \[0, 5\)"):
+        ProbabilisticChunkMasker(budget=2, scored_phases=[5])
+    with pytest.raises(ValueError, match=r"`scored_phases` must hold at least one id"):
+        ProbabilisticChunkMasker(budget=2, scored_phases=[])
+    with pytest.raises(ValueError, match="`scored_phases` must be >= 0, got -1"):
+        ProbabilisticChunkMasker(budget=2, scored_phases=[0, -1])
+    with pytest.raises(TypeError, match="`scored_phases` must be a sequence of phase ids, got int"):
+        ProbabilisticChunkMasker(budget=2, scored_phases=1)
+    with pytest.raises(TypeError, match="`scored_phases` must be an int, got float"):
+        ProbabilisticChunkMasker(budget=2, scored_phases=[1.0])
+    with pytest.raises(ValueError, match="`window` must be one of"):
+        ProbabilisticChunkMasker(budget=2, window="mean")
+    with pytest.raises(ValueError, match=r"`min_groups` must lie in \[0.0, inf\)"):
+        ProbabilisticChunkMasker(budget=2, min_groups=-2)

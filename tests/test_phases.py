@@ -6,13 +6,17 @@ from hypothesis import strategies as st
 
 from _reference.phases import (
     close_fraction_ref,
+    label_grasp_onset_ref,
     label_gripper_phases_ref,
     label_time_segments_ref,
 )
 from chunkmask.phases import (
+    NUM_ONSET_PHASES,
     NUM_PHASES,
+    OnsetPhase,
     Phase,
     gripper_close_fraction,
+    label_grasp_onset,
     label_gripper_phases,
     label_time_segments,
 )
@@ -346,3 +350,76 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(gripper_close_fraction(g.cuda()).cpu(), gripper_close_fraction(g))
     seg = label_time_segments(valid.cuda(), num_segments=3)
     torch.testing.assert_close(seg.cpu(), label_time_segments(valid, num_segments=3))
+
+
+# ---------------------------------------------------------------- grasp onset (event-anchored)
+
+
+def test_onset_enum_and_worked_example():
+    assert [int(p) for p in OnsetPhase] == [0, 1, 2, 3, -1]
+    assert NUM_ONSET_PHASES == len(OnsetPhase) - 1 == 4
+    f = torch.tensor([[0.0, 0.0, 0.0, 0.2, 0.9, 0.9, 0.0, 0.0, 1.0, 0.0]])
+    names = [OnsetPhase(p).name for p in label_grasp_onset(f, lead=2)[0].tolist()]
+    # The retry at t=8 is a consequence (HOLD), not a second onset.
+    assert names == ["APPROACH", "APPROACH", "ONSET", "ONSET", "ONSET", "HOLD", "AFTER", "AFTER",
+                     "HOLD", "AFTER"]
+
+
+def test_onset_without_attempt_is_all_approach_and_lead_clips_at_start():
+    f = torch.tensor([[0.0, 0.4, 0.0], [0.7, 0.0, 0.0]])
+    out = label_grasp_onset(f, lead=3)
+    assert out.tolist() == [[0, 0, 0], [1, 3, 3]]
+    assert label_grasp_onset(torch.zeros(2, 0)).shape == (2, 0)
+
+
+@settings(deadline=None, max_examples=120)
+@given(traces(), st.integers(0, 4), st.sampled_from([0.0, 0.3, 0.5, 0.75, 1.0]))
+def test_onset_matches_reference(batch, lead, active):
+    f, valid = batch
+    out = label_grasp_onset(f, valid, lead=lead, active=active)
+    ref = label_grasp_onset_ref(f.numpy(), valid.numpy(), lead=lead, active=active)
+    assert out.dtype == torch.int64
+    np.testing.assert_array_equal(out.numpy(), ref)
+
+
+@settings(deadline=None, max_examples=50)
+@given(traces(), st.sampled_from([float("nan"), float("inf"), -3.0, 0.9]), st.integers(0, 3))
+def test_onset_properties(batch, fill, lead):
+    f, valid = batch
+    out = label_grasp_onset(f, valid, lead=lead)
+    assert ((out == -1) == ~valid).all()
+    # Padding contents never matter; every trajectory has at most lead + 1 onset chunks, all
+    # before any hold/after chunk; bf16 agrees on representable values.
+    torch.testing.assert_close(
+        label_grasp_onset(torch.where(valid, f, fill), valid, lead=lead), out
+    )
+    assert bool(((out == 1).sum(1) <= lead + 1).all())
+    pos = torch.arange(f.shape[1]).expand_as(out)
+    last_onset = torch.where(out == 1, pos, -1).amax(1)
+    first_later = torch.where((out == 2) | (out == 3), pos, f.shape[1]).amin(1)
+    assert bool((last_onset < first_later).all())
+    g = (f * 8).round() / 8
+    torch.testing.assert_close(
+        label_grasp_onset(g.to(torch.bfloat16), valid, lead=lead), label_grasp_onset(g, valid, lead=lead)
+    )
+
+
+def test_onset_errors():
+    f = torch.zeros(2, 4)
+    with pytest.raises(TypeError, match="`close_fraction`"):
+        label_grasp_onset(f.long())
+    with pytest.raises(ValueError, match="`close_fraction`.*2 dimensions"):
+        label_grasp_onset(f[0])
+    with pytest.raises(ValueError, match=r"`valid`.*\(2, 4\)"):
+        label_grasp_onset(f, torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="`lead` must be >= 0, got -1"):
+        label_grasp_onset(f, lead=-1)
+    with pytest.raises(TypeError, match="`lead` must be an int, got float"):
+        label_grasp_onset(f, lead=1.0)
+    with pytest.raises(ValueError, match=r"`active` must lie in \[0.0, 1.0\], got 1.5"):
+        label_grasp_onset(f, active=1.5)
+    with pytest.raises(ValueError, match="`close_fraction`.*finite"):
+        label_grasp_onset(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match=r"`close_fraction`.*\[0, 1\]"):
+        label_grasp_onset(torch.tensor([[0.0, 1.5]]))
+    label_grasp_onset(torch.tensor([[0.0, 1.5]]), torch.tensor([[True, False]]))

@@ -345,6 +345,68 @@ def test_buffer_matches_reference(steps, refresh_every, p_min, power):
     assert buf.num_updates == len(steps)
 
 
+@st.composite
+def weighted_streams(draw, num_phases=4):
+    steps = draw(score_streams(num_phases))
+    weights = [
+        draw(st.lists(st.integers(0, 6).map(float), min_size=num_phases, max_size=num_phases))
+        for _ in steps
+    ]
+    return [(s, d, w) for (s, d), w in zip(steps, weights, strict=True)]
+
+
+@settings(deadline=None, max_examples=80)
+@given(
+    weighted_streams(),
+    st.integers(1, 4),
+    st.sampled_from(["steps", "weighted"]),
+    st.sampled_from([0.0, 1.0, 3.0, 7.5]),
+)
+def test_robust_buffer_matches_reference(steps, refresh_every, window, min_groups):
+    buf = PhaseScoreBuffer(4, refresh_every=refresh_every, window=window, min_groups=min_groups)
+    ref = PhaseScoreBufferRef(4, refresh_every, window=window, min_groups=min_groups)
+    for scores, defined, weight in steps:
+        s = torch.tensor(scores, dtype=torch.float64)
+        d = torch.tensor(defined)
+        out = buf.update(s, d, weight=torch.tensor(weight, dtype=torch.float64))
+        expected = ref.update([(scores, defined, weight)])
+        torch.testing.assert_close(out, torch.from_numpy(expected).float())
+
+
+def test_thin_phase_no_longer_takes_the_top_probability():
+    # The failure mode found on the testbed: "tail", defined by one group in one step of the
+    # window with a large score, took p = 1 under Eq. 7 and rescaled every other phase.
+    paper = PhaseScoreBuffer(3, refresh_every=3)
+    robust = PhaseScoreBuffer(3, refresh_every=3, window="weighted", min_groups=4)
+    d_all, d_two = torch.tensor([True, True, True]), torch.tensor([True, True, False])
+    stream = [
+        (torch.tensor([1.0, 2.0, 0.0]), d_two, torch.tensor([8.0, 8.0, 0.0])),
+        (torch.tensor([1.0, 2.0, 0.0]), d_two, torch.tensor([8.0, 8.0, 0.0])),
+        (torch.tensor([1.0, 2.0, 9.0]), d_all, torch.tensor([8.0, 8.0, 1.0])),
+    ]
+    for s, d, w in stream:
+        p_paper = paper.update(s, d, weight=w)
+        p_robust = robust.update(s, d, weight=w)
+    torch.testing.assert_close(p_paper, torch.tensor([1 / 9, 2 / 9, 1.0]))
+    torch.testing.assert_close(p_robust, torch.tensor([0.5, 1.0, 0.1]))
+    # Weighting alone (no minimum) averages the phase's steps by their groups.
+    w = PhaseScoreBuffer(2, refresh_every=2, window="weighted")
+    w.update(torch.tensor([1.0, 4.0]), weight=torch.tensor([1.0, 1.0]))
+    out = w.update(torch.tensor([1.0, 1.0]), weight=torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(out, torch.tensor([1.0 / 1.75, 1.0]))  # (4 + 3) / 4 = 1.75
+    # The weighted window survives a state round trip mid-window.
+    a = PhaseScoreBuffer(2, refresh_every=3, window="weighted", min_groups=2)
+    a.update(torch.tensor([1.0, 4.0]), weight=torch.tensor([1.0, 2.0]))
+    b = PhaseScoreBuffer(2, refresh_every=3, window="weighted", min_groups=2)
+    b.load_state_dict(a.state_dict())
+    for s, wt in (([2.0, 1.0], [1.0, 1.0]), ([3.0, 2.0], [3.0, 1.0])):
+        torch.testing.assert_close(
+            a.update(torch.tensor(s), weight=torch.tensor(wt)),
+            b.update(torch.tensor(s), weight=torch.tensor(wt)),
+        )
+    assert "window='weighted'" in repr(b) and "min_groups=2.0" in repr(b)
+
+
 def test_buffer_schedule():
     buf = PhaseScoreBuffer(3, refresh_every=3, p_min=0.1)
     assert buf.keep_probabilities.tolist() == [1.0, 1.0, 1.0]
@@ -434,6 +496,14 @@ def test_buffer_errors():
         PhaseScoreBuffer(3, power=float("inf"))
     with pytest.raises(TypeError, match="`power`"):
         PhaseScoreBuffer(3, power="1")
+    with pytest.raises(ValueError, match=r"`window` must be one of \('steps', 'weighted'\), got 'mean'"):
+        PhaseScoreBuffer(3, window="mean")
+    with pytest.raises(ValueError, match=r"`min_groups` must lie in \[0.0, inf\), got -1.0"):
+        PhaseScoreBuffer(3, min_groups=-1.0)
+    with pytest.raises(ValueError, match="`min_groups` must be finite, got nan"):
+        PhaseScoreBuffer(3, min_groups=float("nan"))
+    with pytest.raises(TypeError, match="`min_groups`"):
+        PhaseScoreBuffer(3, min_groups="2")
     buf = PhaseScoreBuffer(3)
     with pytest.raises(ValueError, match=r"`scores`.*\(3,\)"):
         buf.update(torch.zeros(4))
@@ -459,6 +529,10 @@ def test_buffer_errors():
     state = buf.state_dict()
     with pytest.raises(ValueError, match="`state`.*missing.*window_sum"):
         buf.load_state_dict({k: v for k, v in state.items() if k != "window_sum"})
+    with pytest.raises(ValueError, match="`state`.*missing.*window_weight"):
+        buf.load_state_dict({k: v for k, v in state.items() if k != "window_weight"})
+    with pytest.raises(ValueError, match=r"`state\['window_weight'\]`.*non-negative"):
+        buf.load_state_dict(dict(state, window_weight=torch.tensor([0.0, -1.0, 0.0])))
     with pytest.raises(ValueError, match="`state`.*unexpected.*extra"):
         buf.load_state_dict(dict(state, extra=1))
     with pytest.raises(ValueError, match=r"`state\['keep_probabilities'\]`.*\(3,\)"):

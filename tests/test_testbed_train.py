@@ -70,7 +70,15 @@ def test_sft_reduces_loss():
 
 @pytest.mark.parametrize(
     ("selector", "steps"),
-    [("full", 2), ("pcm", 2), ("random", 1), ("top_phase", 1), ("entropy_topk", 1)],
+    [
+        ("full", 2),
+        ("pcm", 2),
+        ("random", 1),
+        ("top_phase", 1),
+        ("entropy_topk", 1),
+        ("pods", 1),
+        ("token_entropy", 1),
+    ],
 )
 def test_rl_steps_run_with_finite_losses(selector, steps, tmp_path):
     policy = _policy()
@@ -86,8 +94,10 @@ def test_rl_steps_run_with_finite_losses(selector, steps, tmp_path):
         assert sum(r["selected_per_phase"]) * n == pytest.approx(r["chunks_updated"])
         assert sum(r["available_per_phase"]) * n == pytest.approx(r["chunks_executed"])
         assert (r["keep_probabilities"] is None) == (selector != "pcm")
-        if selector == "full":
+        if selector in ("full", "token_entropy"):
             assert r["chunks_updated"] == r["chunks_executed"]
+        elif selector == "pods":  # 2 of each group's 3 rollouts, all their chunks
+            assert 0 < r["chunks_updated"] < r["chunks_executed"]
         else:
             assert r["chunks_updated"] <= 2 * 6
     lines = [json.loads(x) for x in log.read_text().splitlines()]
@@ -181,6 +191,14 @@ def test_main_job_quick_without_ht(tmp_path):
         ("clip_low", 1.0, ValueError, r"`clip_low` must lie in \(0.0, 1.0\), got 1.0"),
         ("p_min", 1.5, ValueError, r"`p_min` must lie in \[0.0, 1.0\], got 1.5"),
         ("grad_clip", float("nan"), ValueError, r"`grad_clip` must be finite, got nan"),
+        ("pods_keep", 0, ValueError, r"`pods_keep` must be > 0, got 0"),
+        ("token_fraction", 0.0, ValueError, r"`token_fraction` must lie in \(0.0, 1.0\], got 0.0"),
+        ("token_fraction", 1.5, ValueError, r"`token_fraction` must lie in \(0.0, 1.0\], got 1.5"),
+        ("phase_rule", "time", ValueError, r"`phase_rule` must be one of .*'time'"),
+        ("score_window", "mean", ValueError, r"`score_window` must be one of .*'mean'"),
+        ("min_groups", -1.0, ValueError, r"`min_groups` must lie in \[0.0, inf\), got -1.0"),
+        ("score_until_onset", 1, TypeError, r"`score_until_onset` must be a bool"),
+        ("score_until_onset", True, ValueError, r"`score_until_onset` needs `phase_rule='onset'`"),
     ],
 )
 def test_train_config_bad_field_names_it(field, value, error, match):
@@ -287,3 +305,112 @@ def test_advantage_aware_needs_a_budgeted_selector():
         TrainConfig(selector="full", advantage_aware=True)
     with pytest.raises(TypeError, match=r"`dynamic_sampling` must be a bool"):
         TrainConfig(dynamic_sampling=1)
+
+
+def _captured_update(monkeypatch, cfg, batch, group, policy):
+    """Run one `update`, recording what reaches `masked_grpo_loss`."""
+    from chunkmask.testbed import trainer
+
+    seen = {}
+    real = trainer.masked_grpo_loss
+
+    def spy(logp, old_logp, adv, selection=None, mask=None, **kw):
+        seen.update(logp=logp.detach(), adv=adv, mask=mask, entropy=kw["entropy"].detach())
+        return real(logp, old_logp, adv, selection=selection, mask=mask, **kw)
+
+    monkeypatch.setattr(trainer, "masked_grpo_loss", spy)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    out = trainer.update(policy, optimizer, batch, group, cfg, masker=trainer.make_masker(cfg),
+                         generator=torch.Generator().manual_seed(1))
+    return out, seen
+
+
+def test_pods_updates_the_most_diverse_rollouts_with_their_own_advantages(monkeypatch):
+    policy, batch, group = _designed_batch()  # group 0: 3 successes; group 1: 1 of 3
+    out, seen = _captured_update(
+        monkeypatch, _cfg("pods", pods_keep=2, mini_batch=6), batch, group, policy
+    )
+    # Two rollouts per group; group 1 (rewards 1, 0, 0) keeps its success and one failure, so the
+    # advantages recomputed on the kept pair are +-1/std({1, 0}) = +-0.7071; group 0 has none.
+    counts = out["selection"].counts
+    assert counts.tolist()[:3].count(4) == 2 and counts.tolist()[3:].count(4) == 2
+    assert counts[3] == 4  # the success
+    kept = counts > 0
+    assert bool((batch.success[3:][kept[3:]]).any()) and bool((~batch.success[3:][kept[3:]]).any())
+    want = torch.tensor([0.0, 0.0, 0.70710678, -0.70710678]).repeat_interleave(4)
+    torch.testing.assert_close(seen["adv"].float().reshape(-1), want, atol=1e-5, rtol=0)
+    assert seen["mask"] is None
+    # With dynamic sampling the all-success group is dropped too.
+    out, _ = _captured_update(
+        monkeypatch, _cfg("pods", pods_keep=2, mini_batch=6, dynamic_sampling=True),
+        batch, group, policy,
+    )
+    assert out["selection"].counts.tolist()[:3] == [0, 0, 0]
+    assert out["selection"].counts.tolist()[3:] == counts.tolist()[3:]
+
+
+def test_token_entropy_keeps_the_highest_entropy_fifth_of_tokens(monkeypatch):
+    policy, batch, group = _designed_batch()
+    out, seen = _captured_update(
+        monkeypatch, _cfg("token_entropy", mini_batch=6), batch, group, policy
+    )
+    mask, logp = seen["mask"], seen["logp"]
+    assert out["chunks"] == 24 and mask.shape == logp.shape == (24, 40)
+    assert int(mask.sum()) == 192  # a fifth of 24 x 40
+    # Every kept token is at least as uncertain as every dropped one (the loss's own entropies).
+    entropy = seen["entropy"]
+    assert entropy[mask].min() >= entropy[~mask].max()
+    assert out["selection"].counts.tolist() == [4] * 6
+
+
+def test_cause_scored_pcm_runs_and_floors_the_phases_after_the_onset(monkeypatch):
+    cfg = _cfg("pcm", phase_rule="onset", score_until_onset=True, score_window="weighted",
+               min_groups=1.0, mini_batch=6)
+    policy, batch, group = _designed_batch()  # group 1 has mixed outcomes: V_c is defined
+    out, _ = _captured_update(monkeypatch, cfg, batch, group, policy)
+    info = out["info"]
+    assert info.keep_probabilities.shape == (4,)  # approach, onset, hold, after
+    assert bool(info.defined[:2].any())
+    assert info.keep_probabilities[2:].tolist() == pytest.approx([cfg.p_min, cfg.p_min])
+    assert math.isfinite(out["loss"]) and out["chunks"] == int(out["selection"].counts.sum())
+    # The whole loop runs with it, and logs four phases.
+    records = train(_policy(), _cfg("pcm", steps=1, phase_rule="onset", score_until_onset=True),
+                    env_config=ENV).records
+    assert len(records[0]["keep_probabilities"]) == len(records[0]["V_c"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("selector", "extra"),
+    [
+        ("pcm", {}),
+        ("pcm", {"estimator": "horvitz_thompson"}),
+        ("pcm", {"advantage_aware": True}),
+        ("random", {"mini_batch": 6}),  # one mini-batch: the shuffle draws no longer matter
+    ],
+)
+def test_budget_at_least_the_chunk_count_is_full_grpo_bit_for_bit(selector, extra, monkeypatch):
+    """The regression test of the evidence study: with B >= N every chunk is kept, and the
+    trainer must then be exactly GRPO (same parameters after several steps, bit for bit)."""
+    from chunkmask.testbed import trainer
+
+    real = trainer.rollout
+
+    def mixed_outcomes(*args, **kw):  # a tiny random policy never succeeds: set the outcomes
+        batch = real(*args, **kw)
+        n = batch.success.shape[0]
+        return batch._replace(success=torch.arange(n) % 3 == 0)
+
+    monkeypatch.setattr(trainer, "rollout", mixed_outcomes)
+    kw = dict(steps=3, dynamic_sampling=True, eval_every=10, **extra)
+    full_kw = {k: v for k, v in kw.items() if k != "advantage_aware"}
+    start = _policy()
+    full = _policy()
+    full_records = train(full, _cfg("full", **full_kw), env_config=ENV).records
+    masked = _policy()
+    records = train(masked, _cfg(selector, budget=4, **kw), env_config=ENV).records  # N = 4
+    for r, f in zip(records, full_records, strict=True):
+        assert r["chunks_updated"] == f["chunks_updated"] == r["chunks_executed"] > 0
+    for (name, a), b in zip(full.named_parameters(), masked.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for a, b in
+               zip(full.parameters(), start.parameters(), strict=True))

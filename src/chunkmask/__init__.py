@@ -54,9 +54,12 @@ from chunkmask.losses import (
 )
 from chunkmask.masker import MaskerInfo, ProbabilisticChunkMasker
 from chunkmask.phases import (
+    NUM_ONSET_PHASES,
     NUM_PHASES,
+    OnsetPhase,
     Phase,
     gripper_close_fraction,
+    label_grasp_onset,
     label_gripper_phases,
     label_time_segments,
 )
@@ -121,7 +124,9 @@ __all__ = [
     "LossBalanceBCWeight",
     "LossNormalizers",
     "MaskerInfo",
+    "NUM_ONSET_PHASES",
     "NUM_PHASES",
+    "OnsetPhase",
     "PairedDifference",
     "Phase",
     "PhaseScoreBuffer",
@@ -159,6 +164,7 @@ __all__ = [
     "inclusion_probabilities",
     "interpolate_proximal_logp",
     "keep_probabilities",
+    "label_grasp_onset",
     "label_gripper_phases",
     "label_time_segments",
     "loss_normalizers",

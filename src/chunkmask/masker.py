@@ -7,7 +7,7 @@ the chunk weights `w_{i,t} = p_{phi(i,t)}`, and Plackett-Luce sampling of a fixe
 (`plackett_luce_sample`, Eq. 10). Its only state is the score buffer and the random generator.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -111,6 +111,15 @@ class ProbabilisticChunkMasker:
             GRPO's scale; the dropped trajectories' gradient is exactly zero.
         max_budget: the Selection's slot count with `advantage_aware` (one trajectory's largest
             budget); None uses the padded chunk count `N` of each batch.
+        window: the score buffer's window mean, `"steps"` (Eq. 7) or `"weighted"` by the number
+            of groups behind each step's score (`PhaseScoreBuffer`).
+        min_groups: the fewest groups (summed over the refresh window) that must define a
+            phase's score before it counts; thinner phases get `p_min`. 0 is the paper's rule.
+        scored_phases: the phase ids whose `V_c` is measured; every other phase is treated as
+            undefined (keep probability `p_min`). With `label_grasp_onset` as the `labeler`,
+            `scored_phases=(OnsetPhase.APPROACH, OnsetPhase.ONSET)` scores only the chunks up
+            to the first grasp attempt: the cause of the outcome rather than its consequences.
+            None scores every phase.
 
     Notes:
         - Host synchronisation. With `validate_args=False`, `inclusion=False`, no
@@ -166,6 +175,9 @@ class ProbabilisticChunkMasker:
         validate_args: bool = True,
         advantage_aware: bool = False,
         max_budget: int | None = None,
+        window: Literal["steps", "weighted"] = "steps",
+        min_groups: float = 0.0,
+        scored_phases: Sequence[int] | None = None,
     ) -> None:
         self.budget = check_positive_int(budget, "budget")
         self.advantage_aware = check_bool(advantage_aware, "advantage_aware")
@@ -175,6 +187,21 @@ class ProbabilisticChunkMasker:
                 f"`max_budget` must be >= `budget` ({self.budget}), got {self.max_budget}."
             )
         self.num_phases = check_positive_int(num_phases, "num_phases")
+        self.scored = None
+        if scored_phases is not None:
+            if isinstance(scored_phases, (str, bytes)) or not isinstance(scored_phases, Sequence):
+                raise TypeError(
+                    "`scored_phases` must be a sequence of phase ids, got "
+                    f"{type(scored_phases).__name__}."
+                )
+            ids = [check_positive_int(c, "scored_phases", allow_zero=True) for c in scored_phases]
+            if not ids or max(ids) >= self.num_phases:
+                raise ValueError(
+                    f"`scored_phases` must hold at least one id in [0, {self.num_phases}) "
+                    f"(`num_phases`), got {list(scored_phases)}."
+                )
+            self.scored = torch.zeros(self.num_phases, dtype=torch.bool)
+            self.scored[ids] = True
         self.weighting = check_option(weighting, "weighting", ("uniform", "balance"))
         if labeler is not None and not callable(labeler):
             raise TypeError(f"`labeler` must be callable, got {type(labeler).__name__}.")
@@ -199,6 +226,8 @@ class ProbabilisticChunkMasker:
             p_min=p_min,
             power=power,
             process_group=process_group,
+            window=window,
+            min_groups=min_groups,
         )
         if self.global_rng:
             if generator is not None:
@@ -313,8 +342,13 @@ class ProbabilisticChunkMasker:
             validate_args=self.validate_args,
             features_name="actions",
         )
-        weight = variance.group_defined.sum(0).to(variance.scores.dtype) if self.distributed else None
-        keep = self.buffer.update(variance.scores, variance.defined, weight=weight, validate_args=False)
+        defined = variance.defined
+        if self.scored is not None:
+            defined = defined & self.scored.to(defined.device)
+        weight = None
+        if self.distributed or self.buffer.window == "weighted" or self.buffer.min_groups > 0:
+            weight = variance.group_defined.sum(0).to(variance.scores.dtype)
+        keep = self.buffer.update(variance.scores, defined, weight=weight, validate_args=False)
         keep = keep.to(actions.device)
         phases = torch.where(valid, phases.to(torch.int64), int(Phase.PAD))
         phase_index = phases.clamp(0, self.num_phases - 1)

@@ -24,9 +24,12 @@ from chunkmask._checks import (
 )
 
 __all__ = [
+    "NUM_ONSET_PHASES",
     "NUM_PHASES",
+    "OnsetPhase",
     "Phase",
     "gripper_close_fraction",
+    "label_grasp_onset",
     "label_gripper_phases",
     "label_time_segments",
 ]
@@ -48,6 +51,20 @@ class Phase(IntEnum):
 
 NUM_PHASES: int = 5
 """Number of real phases of the gripper rule (`Phase` without `PAD`)."""
+
+
+class OnsetPhase(IntEnum):
+    """Phase ids of the event-anchored rule `label_grasp_onset`; `PAD` marks padding chunks."""
+
+    APPROACH = 0
+    ONSET = 1
+    HOLD = 2
+    AFTER = 3
+    PAD = -1
+
+
+NUM_ONSET_PHASES: int = 4
+"""Number of real phases of `label_grasp_onset` (`OnsetPhase` without `PAD`)."""
 
 _CLOSE_OPTIONS = ("positive", "zero", "negative", "threshold")
 _DEFAULT_THRESHOLD = {"positive": 0.0, "zero": 0.5, "negative": 0.0}
@@ -339,3 +356,94 @@ def label_time_segments(
     total = mask.sum(dim=1, keepdim=True).clamp_min(1)
     segment = torch.div(rank.clamp_min(0) * num_segments, total, rounding_mode="floor")
     return torch.where(mask, segment, int(Phase.PAD))
+
+
+def label_grasp_onset(
+    close_fraction: Float[Tensor, "traj chunk"],
+    valid: Bool[Tensor, "traj chunk"] | None = None,
+    *,
+    lead: int = 2,
+    active: float = 0.5,
+    validate_args: bool = True,
+) -> Int64[Tensor, "traj chunk"]:
+    r"""Label chunks relative to the first grasp attempt: the event that decides pick-and-place.
+
+    With $s_i$ the first valid chunk of trajectory $i$ whose close fraction reaches
+    $f_{\mathrm{act}}$ (`active`) and $L$ = `lead`,
+
+    $$
+    \varphi(i,t) =
+    \begin{cases}
+    \text{approach} & t < s_i - L \text{ (or no attempt at all)} \\
+    \text{onset} & s_i - L \le t \le s_i \\
+    \text{hold} & t > s_i,\ f_{i,t} \ge f_{\mathrm{act}} \\
+    \text{after} & t > s_i,\ f_{i,t} < f_{\mathrm{act}}
+    \end{cases}
+    $$
+
+    The gripper rule of App. E.2 (`label_gripper_phases`) gives every grasp cycle its own
+    pre-grasp and release windows, so a failed rollout that retries a dozen times fills those
+    phases with chunks that follow the failure rather than cause it, and `V_c` (Eq. 5) ranks
+    them high. Anchoring on the first attempt separates the chunks that decide the outcome
+    (onset, and the approach to it) from holding, transport and retries. Combine it with
+    `ProbabilisticChunkMasker(..., labeler=..., num_phases=NUM_ONSET_PHASES,
+    scored_phases=(OnsetPhase.APPROACH, OnsetPhase.ONSET))` to score only the chunks up to
+    the first divergence. A chunk-phase partition of Anonymous et al. (2026), Probabilistic
+    Chunk Masking, arXiv 2605.16154, Sec. 4.2 ("any consistent decomposition suffices").
+
+    Notes:
+        - Labels depend on the gripper trace only, never on the outcome.
+        - Padding chunks get `OnsetPhase.PAD` and never count as an attempt; `lead` counts chunk
+          slots, padding included.
+        - Vectorised over trajectories and chunks (no Python loop).
+
+    Args:
+        close_fraction: `(traj, chunk)` gripper-close fraction in [0, 1]
+            (`gripper_close_fraction`); values at padding are ignored (NaN allowed).
+        valid: `(traj, chunk)` bool mask of real chunks (default: all).
+        lead: chunks $L \ge 0$ before the first attempt that belong to the onset (2).
+        active: threshold $f_{\mathrm{act}}$ in [0, 1] of a closing chunk (0.5).
+        validate_args: check that valid close fractions are finite and in [0, 1] (one host sync).
+
+    Returns:
+        `(traj, chunk)` int64 `OnsetPhase` ids, -1 at padding.
+
+    Raises:
+        TypeError: if `close_fraction` is not floating point, `valid` not bool or `lead` not an
+            int.
+        ValueError: if the shapes disagree, `lead` is negative, `active` lies outside [0, 1], or
+            (with `validate_args`) a valid close fraction is not finite or outside [0, 1].
+
+    Examples:
+        >>> import torch
+        >>> f = torch.tensor([[0.0, 0.0, 0.0, 0.25, 1.0, 1.0, 0.0, 1.0, 0.0]])
+        >>> [OnsetPhase(p).name for p in label_grasp_onset(f, lead=1)[0].tolist()]
+        ... # doctest: +NORMALIZE_WHITESPACE
+        ['APPROACH', 'APPROACH', 'APPROACH', 'ONSET', 'ONSET', 'HOLD', 'AFTER', 'HOLD', 'AFTER']
+    """
+    check_tensor(close_fraction, "close_fraction", ndim=2, dtypes="float")
+    valid = resolve_valid(valid, close_fraction, ref_name="close_fraction")
+    lead = check_positive_int(lead, "lead", allow_zero=True)
+    active = check_range(active, "active", low=0.0, high=1.0)
+    if validate_args:
+        check_finite(close_fraction, "close_fraction", where=valid)
+        out_of_range = valid & ((close_fraction < 0) | (close_fraction > 1))
+        if bool(out_of_range.any()):
+            raise ValueError(
+                f"`close_fraction` must lie in [0, 1] at valid chunks, got "
+                f"{int(out_of_range.sum())} value(s) outside."
+            )
+    n_traj, n_chunk = close_fraction.shape
+    device = close_fraction.device
+    if n_chunk == 0:
+        return torch.empty(n_traj, 0, dtype=torch.int64, device=device)
+    closing = valid & (torch.where(valid, close_fraction, 0.0) >= active)
+    position = torch.arange(n_chunk, device=device)
+    # The first attempt s_i (n_chunk + lead when there is none: every chunk is then approach).
+    first = torch.where(closing, position, n_chunk + lead).amin(dim=1, keepdim=True)
+    label = torch.full((n_traj, n_chunk), int(OnsetPhase.APPROACH), dtype=torch.int64, device=device)
+    label = torch.where(position >= first - lead, int(OnsetPhase.ONSET), label)
+    after = position > first
+    label = torch.where(after & closing, int(OnsetPhase.HOLD), label)
+    label = torch.where(after & ~closing, int(OnsetPhase.AFTER), label)
+    return torch.where(valid, label, int(OnsetPhase.PAD))

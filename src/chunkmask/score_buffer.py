@@ -7,7 +7,7 @@ Probabilistic Chunk Masking, arXiv 2605.16154.
 """
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float
@@ -15,10 +15,12 @@ from torch import Tensor
 
 from chunkmask._checks import (
     check_finite_nonnegative,
+    check_option,
     check_positive_int,
     check_power,
     check_probability,
     check_process_group,
+    check_range,
     check_same_device,
     check_same_shape,
     check_shape,
@@ -30,7 +32,15 @@ from chunkmask.allocation import keep_probabilities
 __all__ = ["PhaseScoreBuffer"]
 
 
-_STATE_KEYS = ("keep_probabilities", "window_sum", "window_count", "window_steps", "num_updates")
+_STATE_KEYS = (
+    "keep_probabilities",
+    "window_sum",
+    "window_count",
+    "window_weighted_sum",
+    "window_weight",
+    "window_steps",
+    "num_updates",
+)
 
 
 class PhaseScoreBuffer:
@@ -49,12 +59,24 @@ class PhaseScoreBuffer:
     `power` (1 in the paper). See Eq. (7), (8) and (9) of Anonymous et al. (2026), Probabilistic
     Chunk Masking, arXiv 2605.16154; Eq. 8-9 are `chunkmask.allocation.keep_probabilities`.
 
+    Thinly defined phases. Eq. 7 gives a phase seen in one group of one step the weight of a phase
+    seen in every group of every step, so one noisy score can take $p_c = 1$ and rescale all the
+    others. Two options guard against it; both read the per-step `weight` of `update` (pass the
+    number of groups behind each score, `variance.group_defined.sum(0)`, as
+    `ProbabilisticChunkMasker` does; without `weight` each defined step counts 1):
+
+    - `window="weighted"` averages by weight, $\bar V_c = \sum_s n_{c,s} V_c^{(s)} / \sum_s
+      n_{c,s}$: the window mean of the union of the window's groups;
+    - `min_groups` $m$: a phase whose window support $\sum_s n_{c,s}$ is below $m$ is treated
+      as undefined at the refresh (keep probability $p_{\min}$), and so is a phase defined by
+      fewer than $m$ groups at the first update.
+
     Notes:
         - The first update initialises $p_c$ from that batch's scores alone; it is also the first
           step of the first window, so the first refresh happens at update $K$.
         - Between refreshes $p_c$ is held fixed.
-        - A phase with no defined step in the window (in particular one never seen) gets
-          $p_{\min}$. A refresh whose window defines no phase at all holds the previous $p_c$.
+        - A phase with no defined step in the window (in particular one never seen), or with
+          less support than `min_groups`, gets $p_{\min}$. A refresh whose window defines no phase at all holds the previous $p_c$.
           Before the first update every phase has keep probability 1.
         - With `process_group`, each update all-reduces the per-phase weighted score sums and
           weights, so every rank holds identical probabilities. Passing `weight =
@@ -69,12 +91,17 @@ class PhaseScoreBuffer:
         p_min: the floor $p_{\min} \in (0, 1]$ (0.1 in the paper).
         power: exponent $\gamma > 0$ after max normalisation (0.5 gives $p \propto s^{1/2}$).
         process_group: a `torch.distributed` process group to synchronise over, or None.
+        window: `"steps"` (Eq. 7: every defined step counts once) or `"weighted"` (steps
+            weighted by their `weight`, e.g. their number of groups).
+        min_groups: the least window support (summed `weight`) a phase needs to be scored;
+            0 (the paper) scores every defined phase.
 
     Raises:
         TypeError: if `num_phases` or `refresh_every` is not an int, `power` not a number, or
             `process_group` neither None nor a `torch.distributed.ProcessGroup`.
         ValueError: if `num_phases` or `refresh_every` is not positive, `p_min` is outside
-            (0, 1] or `power` is not a positive finite number.
+            (0, 1], `power` is not a positive finite number, `window` is unknown or
+            `min_groups` is negative or not finite.
 
     Examples:
         >>> import torch
@@ -83,6 +110,9 @@ class PhaseScoreBuffer:
         [0.10000000149011612, 0.25, 1.0]
         >>> buf.update(torch.tensor([4.0, 1.0, 0.0]), torch.tensor([True, True, False])).tolist()
         [0.5, 0.25, 1.0]
+        >>> robust = PhaseScoreBuffer(2, refresh_every=1, min_groups=3)
+        >>> robust.update(torch.tensor([9.0, 1.0]), weight=torch.tensor([1.0, 6.0])).tolist()
+        [0.10000000149011612, 1.0]
     """
 
     def __init__(
@@ -93,12 +123,16 @@ class PhaseScoreBuffer:
         p_min: float = 0.1,
         power: float = 1.0,
         process_group: Any = None,
+        window: Literal["steps", "weighted"] = "steps",
+        min_groups: float = 0.0,
     ) -> None:
         self.num_phases = check_positive_int(num_phases, "num_phases")
         self.refresh_every = check_positive_int(refresh_every, "refresh_every")
         self.p_min = check_probability(p_min, "p_min")
         self.power = check_power(power, "power")
         self.process_group = check_process_group(process_group, "process_group")
+        self.window = check_option(window, "window", ("steps", "weighted"))
+        self.min_groups = float(check_range(min_groups, "min_groups", low=0.0))
         self.reset()
 
     def reset(self) -> None:
@@ -107,6 +141,8 @@ class PhaseScoreBuffer:
         self._keep = torch.ones(c, dtype=torch.float32)
         self._window_sum = torch.zeros(c, dtype=torch.float64)
         self._window_count = torch.zeros(c, dtype=torch.int64)
+        self._window_weighted_sum = torch.zeros(c, dtype=torch.float64)
+        self._window_weight = torch.zeros(c, dtype=torch.float64)
         self._window_steps = 0
         self._num_updates = 0
 
@@ -125,6 +161,8 @@ class PhaseScoreBuffer:
             self._keep = self._keep.to(device)
             self._window_sum = self._window_sum.to(device)
             self._window_count = self._window_count.to(device)
+            self._window_weighted_sum = self._window_weighted_sum.to(device)
+            self._window_weight = self._window_weight.to(device)
 
     def update(
         self,
@@ -186,16 +224,24 @@ class PhaseScoreBuffer:
         self._num_updates += 1
         self._window_sum = self._window_sum + step_score
         self._window_count = self._window_count + step_defined.to(torch.int64)
+        self._window_weighted_sum = self._window_weighted_sum + stats[0]
+        self._window_weight = self._window_weight + stats[1]
         self._window_steps += 1
         if self._num_updates == 1:
-            self._keep = self._map(step_score, step_defined)
+            self._keep = self._map(step_score, step_defined & (stats[1] >= self.min_groups))
         if self._window_steps >= self.refresh_every:
-            window_defined = self._window_count > 0
-            mean = self._window_sum / self._window_count.clamp_min(1)  # Eq. 7
+            window_defined = (self._window_count > 0) & (self._window_weight >= self.min_groups)
+            if self.window == "weighted":
+                weight_sum = torch.where(window_defined, self._window_weight, 1.0)
+                mean = self._window_weighted_sum / weight_sum
+            else:
+                mean = self._window_sum / self._window_count.clamp_min(1)  # Eq. 7
             fresh = self._map(mean, window_defined)
             self._keep = torch.where(window_defined.any(), fresh, self._keep)
             self._window_sum = torch.zeros_like(self._window_sum)
             self._window_count = torch.zeros_like(self._window_count)
+            self._window_weighted_sum = torch.zeros_like(self._window_weighted_sum)
+            self._window_weight = torch.zeros_like(self._window_weight)
             self._window_steps = 0
         return self._keep.clone()
 
@@ -211,6 +257,8 @@ class PhaseScoreBuffer:
             "keep_probabilities": self._keep.clone(),
             "window_sum": self._window_sum.clone(),
             "window_count": self._window_count.clone(),
+            "window_weighted_sum": self._window_weighted_sum.clone(),
+            "window_weight": self._window_weight.clone(),
             "window_steps": self._window_steps,
             "num_updates": self._num_updates,
         }
@@ -235,7 +283,13 @@ class PhaseScoreBuffer:
             )
         c = self.num_phases
         tensors = {}
-        kinds = {"keep_probabilities": "float", "window_sum": "float", "window_count": "int"}
+        kinds = {
+            "keep_probabilities": "float",
+            "window_sum": "float",
+            "window_count": "int",
+            "window_weighted_sum": "float",
+            "window_weight": "float",
+        }
         for key, kind in kinds.items():
             name = f"state['{key}']"
             value = check_tensor(state[key], name, ndim=1, dtypes=kind)
@@ -267,11 +321,15 @@ class PhaseScoreBuffer:
         self._keep = tensors["keep_probabilities"].to(device=device, dtype=torch.float32).clone()
         self._window_sum = tensors["window_sum"].to(device=device, dtype=torch.float64).clone()
         self._window_count = tensors["window_count"].to(device=device, dtype=torch.int64).clone()
+        for key in ("window_weighted_sum", "window_weight"):
+            value = tensors[key].to(device=device, dtype=torch.float64).clone()
+            setattr(self, f"_{key}", value)
         self._window_steps = window_steps
         self._num_updates = num_updates
 
     def __repr__(self) -> str:
         return (
             f"PhaseScoreBuffer(num_phases={self.num_phases}, refresh_every={self.refresh_every}, "
-            f"p_min={self.p_min}, power={self.power}, num_updates={self._num_updates})"
+            f"p_min={self.p_min}, power={self.power}, window={self.window!r}, "
+            f"min_groups={self.min_groups}, num_updates={self._num_updates})"
         )

@@ -89,3 +89,27 @@ def label_time_segments_ref(valid, num_segments):
                 out[i, t] = math.floor(rank * num_segments / length)
                 rank += 1
     return out
+
+
+def label_grasp_onset_ref(f, valid, *, lead=2, active=0.5):
+    """Loop restatement of `label_grasp_onset`: 0 approach, 1 onset, 2 hold, 3 after, -1 pad."""
+    n_traj, n_chunk = f.shape
+    out = np.full((n_traj, n_chunk), -1, dtype=np.int64)
+    for i in range(n_traj):
+        first = None
+        for t in range(n_chunk):
+            if valid[i, t] and f[i, t] >= active:
+                first = t
+                break
+        for t in range(n_chunk):
+            if not valid[i, t]:
+                continue
+            if first is None or t < first - lead:
+                out[i, t] = 0
+            elif t <= first:
+                out[i, t] = 1
+            elif f[i, t] >= active:
+                out[i, t] = 2
+            else:
+                out[i, t] = 3
+    return out

@@ -66,16 +66,20 @@ def keep_probabilities_ref(scores, defined, p_min, power):
 
 class PhaseScoreBufferRef:
     """The buffer as a list of per-step scores. `update` takes one (scores, defined, weight) per
-    rank and combines them as the weighted mean over ranks where defined."""
+    rank and combines them as the weighted mean over ranks where defined. `window="weighted"`
+    averages a phase's steps by their summed weight; a phase with less summed weight than
+    `min_groups` is undefined."""
 
-    def __init__(self, num_phases, refresh_every=5, p_min=0.1, power=1.0):
+    def __init__(self, num_phases, refresh_every=5, p_min=0.1, power=1.0, window="steps",
+                 min_groups=0.0):
         self.c, self.k, self.p_min, self.power = num_phases, refresh_every, p_min, power
-        self.steps = []  # list of (score list, defined list)
+        self.window, self.min_groups = window, min_groups
+        self.steps = []  # list of (score list, defined list, weight list)
         self.keep = np.ones(num_phases)
         self.n = 0
 
     def update(self, per_rank):
-        step_scores, step_defined = [], []
+        step_scores, step_defined, step_weight = [], [], []
         for j in range(self.c):
             num = den = 0.0
             for scores, defined, weight in per_rank:
@@ -85,16 +89,25 @@ class PhaseScoreBufferRef:
                     den += w
             step_defined.append(den > 0)
             step_scores.append(num / den if den > 0 else 0.0)
+            step_weight.append(den)
         self.n += 1
-        self.steps.append((step_scores, step_defined))
+        self.steps.append((step_scores, step_defined, step_weight))
         if self.n == 1:
-            self.keep = keep_probabilities_ref(step_scores, step_defined, self.p_min, self.power)
+            dfn = [d and w >= self.min_groups for d, w in zip(step_defined, step_weight, strict=True)]
+            if any(dfn):
+                self.keep = keep_probabilities_ref(step_scores, dfn, self.p_min, self.power)
         if len(self.steps) == self.k:
             mean, dfn = [], []
             for j in range(self.c):
-                vals = [s[j] for s, d in self.steps if d[j]]
-                dfn.append(bool(vals))
-                mean.append(sum(vals) / len(vals) if vals else 0.0)
+                rows = [(s[j], w[j]) for s, d, w in self.steps if d[j]]
+                support = sum(w for _, w in rows)
+                dfn.append(bool(rows) and support >= self.min_groups)
+                if not dfn[-1]:
+                    mean.append(0.0)
+                elif self.window == "weighted":
+                    mean.append(sum(v * w for v, w in rows) / support)
+                else:
+                    mean.append(sum(v for v, _ in rows) / len(rows))
             if any(dfn):
                 self.keep = keep_probabilities_ref(mean, dfn, self.p_min, self.power)
             self.steps = []

@@ -9,7 +9,13 @@ take one clipped-surrogate AdamW step on the rollouts' action tokens. The only t
 - `"pcm"`: `ProbabilisticChunkMasker`, `B` chunks per trajectory drawn by phase score (PCM);
 - `"random"`: `B` chunks uniformly at random;
 - `"top_phase"`: `B` chunks from the single highest-`V_c` phase ("full masking");
-- `"entropy_topk"`: the `B` chunks of highest policy entropy.
+- `"entropy_topk"`: the `B` chunks of highest policy entropy;
+- `"pods"`: max-variance down-sampling of rollouts (PODS, arXiv 2504.13818): the `pods_keep`
+  rollouts of each group whose rewards vary most, with all their chunks, and advantages
+  recomputed on the kept rollouts;
+- `"token_entropy"`: every chunk enters the forward, but the loss keeps only the
+  `token_fraction` of action tokens with the highest entropy (arXiv 2506.01939). It saves no
+  update compute in this architecture: one forward yields all of a chunk's tokens.
 
 With PCM the whole change to the loop is the `masker.select` call and the `shrink` of the batch
 to the selected chunks (`update` below). Two options apply to every selector:
@@ -30,14 +36,20 @@ from jaxtyping import Int64
 from torch import Tensor
 
 from chunkmask import (
+    NUM_ONSET_PHASES,
     NUM_PHASES,
     MaskerInfo,
+    OnsetPhase,
     ProbabilisticChunkMasker,
     Selection,
     advantage_aware_budgets,
     dynamic_sampling_mask,
+    gripper_close_fraction,
     group_relative_advantages,
+    high_entropy_token_mask,
+    label_grasp_onset,
     masked_grpo_loss,
+    max_variance_downsample,
     plackett_luce_sample,
     shrink,
     top_phase_sample,
@@ -50,8 +62,16 @@ from chunkmask.testbed.env import sample_initial_states as _sample_states
 from chunkmask.testbed.policy import TokenChunkPolicy
 from chunkmask.testbed.rollout import RolloutBatch, rollout
 
-Selector = Literal["full", "pcm", "random", "top_phase", "entropy_topk"]
-SELECTORS: tuple[str, ...] = ("full", "pcm", "random", "top_phase", "entropy_topk")
+Selector = Literal["full", "pcm", "random", "top_phase", "entropy_topk", "pods", "token_entropy"]
+SELECTORS: tuple[str, ...] = (
+    "full",
+    "pcm",
+    "random",
+    "top_phase",
+    "entropy_topk",
+    "pods",
+    "token_entropy",
+)
 
 
 @dataclass
@@ -60,7 +80,8 @@ class TrainConfig:
 
     Attributes:
         selector: which chunks enter the update (see the module docstring).
-        budget: chunks per trajectory `B` for every selector but `"full"`.
+        budget: chunks per trajectory `B` for `"pcm"`, `"random"`, `"top_phase"` and
+            `"entropy_topk"`.
         steps: training steps.
         prompts_per_step: initial states per step.
         group_size: rollouts per initial state, `G`.
@@ -88,6 +109,16 @@ class TrainConfig:
             `[0.1, 0.9]` (`dynamic_sampling_mask`): their advantage is 0.
         advantage_aware: (`"pcm"` and `"random"`) no chunks for zero-advantage trajectories, the
             same total spread over the others (`advantage_aware_budgets`).
+        pods_keep: (`"pods"`) rollouts kept per group, `m`.
+        token_fraction: (`"token_entropy"`) share of the update's action tokens kept, by entropy.
+        phase_rule: the masker's phases, `"gripper"` (App. E.2, `label_gripper_phases`) or
+            `"onset"` (`label_grasp_onset`: approach, onset of the first grasp attempt, hold,
+            after).
+        score_until_onset: (`"onset"` only) score `V_c` on the approach and onset chunks alone;
+            hold and after get `p_min` (a score of cause rather than consequence).
+        score_window: the score buffer's window mean, `"steps"` (Eq. 7) or `"weighted"` by
+            groups.
+        min_groups: the fewest groups in a refresh window that must define a phase's score.
     """
 
     selector: Selector = "full"
@@ -112,6 +143,12 @@ class TrainConfig:
     seed: int = 0
     dynamic_sampling: bool = False
     advantage_aware: bool = False
+    pods_keep: int = 2
+    token_fraction: float = 0.2
+    phase_rule: Literal["gripper", "onset"] = "gripper"
+    score_until_onset: bool = False
+    score_window: Literal["steps", "weighted"] = "steps"
+    min_groups: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -134,6 +171,7 @@ class TrainConfig:
             "refresh_every",
             "eval_episodes",
             "eval_every",
+            "pods_keep",
         ):
             check_positive_int(getattr(self, name), name)
         check_positive_int(self.seed, "seed", allow_zero=True)
@@ -143,6 +181,16 @@ class TrainConfig:
             check_range(getattr(self, name), name, low=0.0)
         check_range(self.clip_low, "clip_low", low=0.0, high=1.0, low_open=True, high_open=True)
         check_range(self.p_min, "p_min", low=0.0, high=1.0)
+        check_range(self.token_fraction, "token_fraction", low=0.0, high=1.0, low_open=True)
+        check_option(self.phase_rule, "phase_rule", ("gripper", "onset"))
+        check_option(self.score_window, "score_window", ("steps", "weighted"))
+        check_range(self.min_groups, "min_groups", low=0.0)
+        check_bool(self.score_until_onset, "score_until_onset")
+        if self.score_until_onset and self.phase_rule != "onset":
+            raise ValueError(
+                "`score_until_onset` needs `phase_rule='onset'`, got "
+                f"phase_rule={self.phase_rule!r}."
+            )
         check_bool(self.dynamic_sampling, "dynamic_sampling")
         check_bool(self.advantage_aware, "advantage_aware")
         if self.advantage_aware and self.selector not in ("pcm", "random"):
@@ -200,15 +248,25 @@ def make_masker(cfg: TrainConfig) -> ProbabilisticChunkMasker:
     scores the phases (`MaskerInfo.phases`, `.scores`): `"top_phase"` selects from them, and
     every selector logs them; its draws are discarded.
     """
+    onset = cfg.phase_rule == "onset"
     return ProbabilisticChunkMasker(
         budget=cfg.budget,
-        num_phases=NUM_PHASES,
+        num_phases=NUM_ONSET_PHASES if onset else NUM_PHASES,
+        labeler=_onset_labeler if onset else None,
+        scored_phases=(OnsetPhase.APPROACH, OnsetPhase.ONSET) if cfg.score_until_onset else None,
+        window=cfg.score_window,
+        min_groups=cfg.min_groups,
         refresh_every=cfg.refresh_every,
         p_min=cfg.p_min,
         inclusion=cfg.selector == "pcm" and cfg.estimator == "horvitz_thompson",
         seed=cfg.seed,
         advantage_aware=cfg.selector == "pcm" and cfg.advantage_aware,
     )
+
+
+def _onset_labeler(gripper: Tensor, valid: Tensor) -> Tensor:
+    """`label_grasp_onset` on the testbed's gripper commands (+1 closes)."""
+    return label_grasp_onset(gripper_close_fraction(gripper, valid, close="positive"), valid)
 
 
 def score_phases(
@@ -247,10 +305,12 @@ def baseline_selection(
 
     `info` is the masker's `MaskerInfo` of this batch; only `"top_phase"` needs it (its phases
     and `V_c`). `valid` replaces the batch's own (after dynamic sampling); `budgets` are
-    per-trajectory budgets for `"random"` (advantage-aware).
+    per-trajectory budgets for `"random"` (advantage-aware). `"pods"` and `"token_entropy"`
+    keep every valid chunk here: `update` has already restricted `valid` to PODS's rollouts, and
+    the entropy rule selects tokens inside the loss.
     """
     valid = batch.valid if valid is None else valid
-    if selector == "full":
+    if selector in ("full", "pods", "token_entropy"):
         return Selection.from_mask(valid)
     if selector == "random":
         if budgets is not None:
@@ -288,6 +348,10 @@ def update(
     valid = batch.valid
     if cfg.dynamic_sampling:  # drop the groups whose rollouts all agree (advantage 0)
         valid = valid & dynamic_sampling_mask(batch.success, group)[:, None]
+    if cfg.selector == "pods":  # the most reward-diverse rollouts per group, re-normalised
+        keep = max_variance_downsample(rewards, group, cfg.pods_keep)
+        advantages = group_relative_advantages(rewards, group, valid=keep)
+        valid = valid & keep[:, None]
 
     info = None
     if cfg.selector == "pcm":  # PCM: score the phases, draw B chunks per trajectory (Eq. 5-10)
@@ -335,11 +399,15 @@ def update(
         logp, entropy = policy.log_prob(
             packed["obs"], packed["tokens"], temperature=cfg.temperature
         )
+        token_mask = None
+        if cfg.selector == "token_entropy":  # the batch's highest-entropy tokens (a threshold)
+            token_mask = high_entropy_token_mask(entropy.detach(), fraction=cfg.token_fraction)
         out = masked_grpo_loss(
             logp,
             packed["old_logp"],
             packed["adv"],
             selection=part,
+            mask=token_mask,
             clip_low=cfg.clip_low,
             clip_high=cfg.clip_high,
             entropy=entropy,
@@ -378,7 +446,9 @@ def phase_stats(
     if selected_by_masker:
         selected = info.selected_per_phase
     else:
-        in_phase = torch.nn.functional.one_hot(info.phases.clamp_min(0), NUM_PHASES)
+        in_phase = torch.nn.functional.one_hot(
+            info.phases.clamp_min(0), info.available_per_phase.shape[0]
+        )
         selected = torch.where(selection.chunk_mask()[..., None], in_phase, 0).sum(dim=(0, 1))
     return {
         "selected_per_phase": (selected / num_traj).tolist(),
