@@ -6,7 +6,7 @@
 Runs, in priority order, for each seed: GRPO and PCM (B=12) from the same SFT checkpoint (RQ1,
 RQ2); PCM with B=8 and B=16 (RQ3); random masking, top-phase ("full") masking and entropy top-k
 at B=12 (RQ4). Every run is checkpointed after every step and resumes where it stopped. The report
-(docs/reproduction.md, docs/reproduction.json, docs/img/testbed_repro_*.png) is rebuilt from
+(docs/reproduction_pilot.md, docs/reproduction_pilot.json, docs/img/testbed_repro_*.png) is rebuilt from
 whatever has finished, and says which runs are partial or missing.
 """
 
@@ -153,7 +153,17 @@ def report(out: Path, cfg: DemoConfig, seeds: list[int], docs: Path, command: st
         "threads": torch.get_num_threads(),
     }
     lines = [
-        "# Reproducing PCM on the CPU testbed",
+        "# Pilot reproduction on the CPU testbed (3 seeds, superseded)",
+        "",
+        '!!! note "Superseded by the paired study"',
+        "    This three-seed comparison, with 64 evaluation states reused at every step, cannot "
+        "separate",
+        "    the selectors (the 95% CI on the PCM - GRPO difference is about [-68, +39] points). "
+        "The",
+        "    paired, powered study that replaces it is [Reproduction](reproduction.md)",
+        "    (`benchmarks/evidence_study.py`). This page is kept for its per-step curves and for "
+        "the",
+        "    step-time breakdown of the main job.",
         "",
         f"Command: `{command}`",
         "",
@@ -280,8 +290,8 @@ def report(out: Path, cfg: DemoConfig, seeds: list[int], docs: Path, command: st
                     "success": success,
                 }
         result["curves"] = curves
-    (docs / "reproduction.json").write_text(json.dumps(result, indent=2))
-    report_path = docs / "reproduction.md"
+    (docs / "reproduction_pilot.json").write_text(json.dumps(result, indent=2))
+    report_path = docs / "reproduction_pilot.md"
     existing = report_path.read_text() if report_path.exists() else ""
     marker = "<!-- findings -->"
     findings = existing[existing.index(marker) :] if marker in existing else marker + "\n"

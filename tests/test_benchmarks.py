@@ -259,13 +259,13 @@ def test_reproduce_pcm_quick_writes_report_and_resumes(bench, tmp_path):
     out, docs = tmp_path / "runs", tmp_path / "docs"
     args = ["--quick", "--seeds", "0", "--out", str(out), "--docs", str(docs)]
     assert reproduce.main(args) == 0
-    result = json.loads((docs / "reproduction.json").read_text())
+    result = json.loads((docs / "reproduction_pilot.json").read_text())
     assert result["seeds_complete"] == [0]
     names = [r["run"] for r in result["table"]]
     assert names == [name for name, *_ in reproduce.RUNS]
     for key in ("speedup_to_threshold", "final_success_gap_pp"):
         assert set(result[key]) == {"mean", "per_seed"}
-    report = (docs / "reproduction.md").read_text()
+    report = (docs / "reproduction_pilot.md").read_text()
     assert "| grpo |" in report and "| pcm_ht |" in report
     for name in ("success_vs_step", "success_vs_wallclock", "phase_allocation"):
         assert (docs / "img" / f"testbed_repro_{name}.png").stat().st_size > 0
@@ -423,21 +423,54 @@ def test_selector_diagnostics_quick_writes_the_report_and_resumes(bench, tmp_pat
 def test_evidence_study_quick_writes_seeds_and_report(bench, tmp_path):
     pytest.importorskip("gymnasium")
     study = bench("evidence_study")
-    results, report = tmp_path / "res", tmp_path / "evidence.md"
+    results, report = tmp_path / "res", tmp_path / "docs" / "reproduction.md"
     argv = ["--quick", "--out", str(tmp_path / "runs"), "--results", str(results),
-            "--report", str(report), "--threads", "1"]
+            "--report", str(report), "--threads", "1", "--diagnostics", str(tmp_path / "none")]
     assert study.main(argv) == 0
     seeds = sorted(p.name for p in results.glob("seed*.json"))
     assert seeds == ["seed0.json", "seed1.json"]
     record = json.loads((results / "seed0.json").read_text())
-    assert set(record["arms"]) == set(study.ARMS)
+    assert set(record["arms"]) == set(study.CORE)
     data = json.loads(report.with_suffix(".json").read_text())
     for arm in ("pcm", "random_aa", "pcm_aa"):
         row = data["rq1"]["arms"][arm]
-        assert {"diff_vs_grpo_pp", "diff_ci95_pp", "per_seed_diff_pp", "tost_equivalent",
-                "seeds", "update_speedup"} <= set(row)
+        assert {"final_success", "diff_vs_grpo_pp", "diff_ci95_pp", "per_seed_diff_pp",
+                "tost_equivalent", "seeds", "update_speedup"} <= set(row)
         assert len(row["per_seed_diff_pp"]) == row["seeds"] == 2
+        lo, hi = row["diff_ci95_pp"]
+        assert lo <= row["diff_vs_grpo_pp"] <= hi
+        assert row["diff_vs_grpo_pp"] == pytest.approx(sum(row["per_seed_diff_pp"]) / 2)
+    assert set(data["rq2"]["arms"]) == set(study.CORE)
+    assert data["gradient"] == {}
     # resumes: a second run trains nothing (cached arms, finished seeds)
     stamps = {p.name: p.stat().st_mtime_ns for p in results.glob("seed*.json")}
     assert study.main(argv) == 0
     assert {p.name: p.stat().st_mtime_ns for p in results.glob("seed*.json")} == stamps
+    # more arms are added to finished seeds, the existing ones kept as they are
+    before = json.loads((results / "seed0.json").read_text())["arms"]
+    assert study.main([*argv, "--arms", "pods", "token_entropy", "pcm_b6"]) == 0
+    after = json.loads((results / "seed0.json").read_text())["arms"]
+    assert set(after) == set(study.CORE) | {"pods", "token_entropy", "pcm_b6"}
+    assert all(after[a] == before[a] for a in study.CORE)
+    data = json.loads(report.with_suffix(".json").read_text())
+    assert set(data["rq3"]["pcm"]) == {"6", "12"} and data["rq3"]["pcm"]["12"]["seeds"] == 2
+    assert data["rq1"]["arms"]["token_entropy"]["seeds"] == 2
+
+
+def test_evidence_study_threshold_crossing_and_gradient_table(bench, tmp_path):
+    study = bench("evidence_study")
+    # Trailing 5-step means from index 4: 14, 24, 36, 50, 60; 50 is first reached at index 7.
+    curve = [0, 0, 0, 30, 40, 50, 60, 70, 80]
+    assert study.first_crossing(curve, 50.0) == 7
+    assert study.first_crossing(curve, 50.1) == 8
+    assert study.first_crossing([90] * 9, 50.0) == 4  # never before a full window
+    assert study.first_crossing(curve, 1e9) is None
+    diag = tmp_path / "diag.json"
+    diag.write_text(json.dumps({
+        "batches": 3, "full_signal_fraction": 0.01, "full_signal_fraction_se": 0.02,
+        "selectors": {"random": {"second_moment_ratio": 4.0, "signal_ratio": 1.0,
+                                 "signal_ratio_se": 0.5, "unbiased": True}},
+    }))
+    table = study.gradient_table(diag)
+    assert table["selectors"]["random"]["second_moment_ratio"] == 4.0
+    assert table["selectors"]["random"]["signal_ratio_se"] == 0.5

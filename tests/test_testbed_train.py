@@ -414,3 +414,30 @@ def test_budget_at_least_the_chunk_count_is_full_grpo_bit_for_bit(selector, extr
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, b) for a, b in
                zip(full.parameters(), start.parameters(), strict=True))
+
+
+def test_online_probe_logs_the_cosine_and_changes_nothing(monkeypatch):
+    from chunkmask.testbed import trainer
+
+    real = trainer.rollout
+    monkeypatch.setattr(
+        trainer, "rollout",
+        lambda *a, **k: (lambda b: b._replace(success=torch.arange(b.success.shape[0]) % 3 == 0))(
+            real(*a, **k)
+        ),
+    )
+    # B >= N: the masked gradient is the full one, cosine 1; logged every second step only.
+    records = train(_policy(), _cfg("pcm", budget=4, steps=3, probe_every=2, eval_every=10),
+                    env_config=ENV).records
+    assert [("probe_cosine" in r) for r in records] == [True, False, True]
+    assert records[0]["probe_cosine"] == pytest.approx(1.0, abs=1e-6)
+    # One chunk of four: a different direction; the probe does not change the training itself.
+    probed, plain = _policy(), _policy()
+    rec = train(probed, _cfg("random", budget=1, steps=2, probe_every=1, eval_every=10),
+                env_config=ENV).records
+    train(plain, _cfg("random", budget=1, steps=2, eval_every=10), env_config=ENV)
+    assert all(-1.0 <= r["probe_cosine"] < 0.99 for r in rec)
+    for a, b in zip(probed.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="`probe_every` must be >= 0, got -1"):
+        TrainConfig(probe_every=-1)

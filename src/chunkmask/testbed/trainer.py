@@ -44,6 +44,7 @@ from chunkmask import (
     Selection,
     advantage_aware_budgets,
     dynamic_sampling_mask,
+    gradient_cosine,
     gripper_close_fraction,
     group_relative_advantages,
     high_entropy_token_mask,
@@ -119,6 +120,10 @@ class TrainConfig:
         score_window: the score buffer's window mean, `"steps"` (Eq. 7) or `"weighted"` by
             groups.
         min_groups: the fewest groups in a refresh window that must define a phase's score.
+        probe_every: every this many steps (0: never), the online probe of `chunkmask.diagnostics`:
+            one extra full backward on the first mini-batch gives the cosine between the masked
+            and the full GRPO gradient at the same parameters (`probe_cosine` in the log; its
+            time is excluded from `update_s`).
     """
 
     selector: Selector = "full"
@@ -149,6 +154,7 @@ class TrainConfig:
     score_until_onset: bool = False
     score_window: Literal["steps", "weighted"] = "steps"
     min_groups: float = 0.0
+    probe_every: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -175,6 +181,7 @@ class TrainConfig:
         ):
             check_positive_int(getattr(self, name), name)
         check_positive_int(self.seed, "seed", allow_zero=True)
+        check_positive_int(self.probe_every, "probe_every", allow_zero=True)
         for name in ("temperature", "lr", "grad_clip", "clip_high"):
             check_range(getattr(self, name), name, low=0.0, low_open=True)
         for name in ("weight_decay", "entropy_coef"):
@@ -336,15 +343,19 @@ def update(
     *,
     masker: ProbabilisticChunkMasker,
     generator: torch.Generator,
+    probe: bool = False,
 ) -> dict[str, Any]:
     """One GRPO actor update on a batch of rollouts; returns the step's diagnostics.
 
     The result holds the mean `loss`, `clip_frac`, `grad_norm` and `entropy` over the
     mini-batches, the number of `chunks` back-propagated, the `selection` and the masker's
-    `info` (`MaskerInfo`; None for the selectors that do not need the phases to select).
+    `info` (`MaskerInfo`; None for the selectors that do not need the phases to select). With
+    `probe`, also `probe_cosine` (masked vs full gradient on the first mini-batch, before the
+    optimiser step) and `probe_s`, the probe's time.
     """
     rewards = batch.success.float()
     advantages = group_relative_advantages(rewards, group)  # Eq. 1, on the full batch
+    grpo_advantages = advantages
     valid = batch.valid
     if cfg.dynamic_sampling:  # drop the groups whose rollouts all agree (advantage 0)
         valid = valid & dynamic_sampling_mask(batch.success, group)[:, None]
@@ -417,6 +428,10 @@ def update(
         )
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        if probe and start == 0:
+            t0 = time.perf_counter()
+            totals["probe_cosine"] = _probe_cosine(policy, batch, rows, grpo_advantages, valid, cfg)
+            totals["probe_s"] = time.perf_counter() - t0
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         optimizer.step()
         totals["loss"] += float(out.loss.detach()) / num_minibatches
@@ -427,6 +442,32 @@ def update(
     totals["info"] = info
     totals["selection"] = selection
     return totals
+
+
+def _probe_cosine(
+    policy: TokenChunkPolicy,
+    batch: RolloutBatch,
+    rows: Tensor,
+    advantages: Tensor,
+    valid: Tensor,
+    cfg: TrainConfig,
+) -> float:
+    """Cosine between the masked gradient in `.grad` and full GRPO's on the same rows."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    masked = [p.grad for p in params]
+    full_sel = Selection.from_mask(valid[rows])
+    packed = shrink(
+        {"obs": batch.obs[rows], "tokens": batch.tokens[rows], "old_logp": batch.logp[rows],
+         "adv": advantages[rows]},
+        full_sel,
+    )
+    logp, _ = policy.log_prob(packed["obs"], packed["tokens"], temperature=cfg.temperature)
+    loss = masked_grpo_loss(
+        logp, packed["old_logp"], packed["adv"], selection=full_sel,
+        clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+    ).loss
+    full = torch.autograd.grad(loss, params, allow_unused=True)
+    return float(gradient_cosine(masked, full))
 
 
 def phase_stats(
@@ -549,8 +590,9 @@ def train(
                 cfg,
                 masker=masker,
                 generator=torch.Generator().manual_seed(cfg.seed * 104_729 + step),
+                probe=cfg.probe_every > 0 and step % cfg.probe_every == 0,
             )
-            t2 = time.perf_counter()
+            t2 = time.perf_counter() - out.get("probe_s", 0.0)
             record: dict[str, Any] = {
                 "step": step,
                 "selector": cfg.selector,
@@ -567,6 +609,8 @@ def train(
                 "grad_norm": out["grad_norm"],
                 "entropy": out["entropy"],
             }
+            if "probe_cosine" in out:
+                record["probe_cosine"] = out["probe_cosine"]
             info = out["info"]
             if info is None:  # logging only, outside the timed update
                 _, info = score_phases(masker, batch, group)
