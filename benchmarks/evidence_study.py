@@ -28,7 +28,9 @@ Arms added after the first 15 seeds (same design, same seeds, `--arms` selects t
 - RQ3: B = 6 and 24 for `pcm` and `random_aa`;
 - `pcm_cause_aa`: PCM scored on the chunks up to the first grasp attempt
   (`label_grasp_onset`, `scored_phases`), a group-weighted score window with `min_groups=4`,
-  advantage-aware budgets.
+  advantage-aware budgets;
+- `pps_ht`: Horvitz-Thompson with chunks drawn with probability proportional to |A_i| times
+  `chunk_score_norm` (`pps_sample`, B per trajectory on average over the batch).
 
 Each finished arm rewrites `RESULTS/seed{s}.json` (small, committed) and is cached under `OUT`, so
 an interrupted study resumes mid-seed and arms can be added to finished seeds. `--report`
@@ -70,6 +72,8 @@ ARMS = {
     # a score of cause rather than consequence, with the robust score buffer
     "pcm_cause_aa": dict(selector="pcm", advantage_aware=True, phase_rule="onset",
                          score_until_onset=True, score_window="weighted", min_groups=4.0),
+    # Horvitz-Thompson with probability proportional to |A_i| x chunk_score_norm (pps_sample)
+    "pps_ht": dict(selector="pps", estimator="horvitz_thompson"),
 }
 CORE = ("grpo", "pcm", "random_aa", "pcm_aa")
 SWEEP = {"pcm": ("pcm_b6", "pcm", "pcm_b24"), "random_aa": ("random_aa_b6", "random_aa", "random_aa_b24")}

@@ -21,7 +21,12 @@ the quantity a first step would follow. Selectors, all at the testbed's `B = 12`
 - `top_phase`: the top-V phase's chunks only (RQ4's full masking);
 - `entropy_topk`: the B chunks of highest mean token entropy (App. C);
 - `pods`: max-variance down-sampling, 2 of each group's 8 rollouts with all their chunks (about
-  the chunk count of the others), advantages recomputed on the kept rollouts.
+  the chunk count of the others), advantages recomputed on the kept rollouts;
+- `pcm_cause_aa`: PCM scored only on the chunks up to the first grasp attempt
+  (`label_grasp_onset`, `scored_phases`), robust buffer (`window="weighted"`, `min_groups=4`),
+  advantage-aware budgets;
+- `pps_ht`: Horvitz-Thompson with probability proportional to |A_i| x `chunk_score_norm`
+  (`pps_sample`, B per trajectory on average over the batch).
 
 `efficiency` is scale-free (signal ratio squared over inflation), so selectors whose losses are
 normalised differently (PODS) compare on it; `efficiency / chunk_fraction` is the predicted
@@ -43,12 +48,14 @@ from chunkmask import (
     Selection,
     advantage_aware_budgets,
     aggregate_loss,
+    chunk_score_norm,
     clipped_surrogate,
     group_relative_advantages,
     masked_grpo_loss,
     max_variance_downsample,
     phase_shares,
     plackett_luce_sample,
+    pps_sample,
     selector_statistics,
     shrink,
     top_phase_sample,
@@ -63,6 +70,7 @@ from chunkmask.testbed import (
     sample_initial_states,
 )
 from chunkmask.testbed.demo import DemoConfig, make_policy, sft_checkpoint
+from chunkmask.testbed.trainer import make_masker
 
 SELECTORS = (
     "random",
@@ -74,11 +82,13 @@ SELECTORS = (
     "top_phase",
     "entropy_topk",
     "pods",
+    "pcm_cause_aa",
+    "pps_ht",
 )
 PHASE_SHARES = ("pcm",)
 # Selectors whose expectation is the full gradient by construction (signal ratio exactly 1):
 # uniform chunks under a per-trajectory token mean with equal-length chunks, and Horvitz-Thompson.
-UNBIASED = ("random", "pcm_ht", "random_aa", "pcm_aa_ht")
+UNBIASED = ("random", "pcm_ht", "random_aa", "pcm_aa_ht", "pps_ht")
 
 
 def parse(argv=None):
@@ -190,6 +200,13 @@ def one_batch(b, args, cfg, env_cfg, policy, maskers, sketch):
     sel_aa, info_aa = maskers["pcm_aa"].select(
         actions=batch.actions, success=success, group=group, valid=valid, advantages=adv
     )
+    sel_cause, _ = maskers["pcm_cause_aa"].select(
+        actions=batch.actions, success=success, group=group, valid=valid, advantages=adv
+    )
+    sel_pps, pi_pps = pps_sample(
+        adv.abs()[:, None] * chunk_score_norm(batch.logp), args.budget, valid=valid,
+        generator=gen,
+    )
     phases = info.phases
     full = Selection.from_mask(valid)
     loss, _, _ = loss_of(policy, batch, adv, full, train)
@@ -218,6 +235,8 @@ def one_batch(b, args, cfg, env_cfg, policy, maskers, sketch):
         ),
         "entropy_topk": (topk_sample(batch.entropy, args.budget, valid=valid), {}),
         "pods": (Selection.from_mask(valid & keep[:, None]), {"_adv": adv_pods}),
+        "pcm_cause_aa": (sel_cause, {"global_batch_size": num_traj}),
+        "pps_ht": (sel_pps, {"estimator": "horvitz_thompson", "inclusion": pi_pps}),
     }
     for name, (sel, kwargs) in selections.items():
         kwargs = dict(kwargs)
@@ -252,6 +271,11 @@ def run(args):
             budget=args.budget, refresh_every=train.refresh_every, p_min=train.p_min,
             inclusion=True, seed=0, advantage_aware=True,
         ),
+        "pcm_cause_aa": make_masker(TrainConfig(
+            selector="pcm", budget=args.budget, refresh_every=train.refresh_every,
+            p_min=train.p_min, seed=0, advantage_aware=True, phase_rule="onset",
+            score_until_onset=True, score_window="weighted", min_groups=4.0,
+        )),
     }
     state_path = args.out / "maskers.pt"
     batches = 3 if args.quick else args.batches

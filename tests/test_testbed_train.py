@@ -441,3 +441,28 @@ def test_online_probe_logs_the_cosine_and_changes_nothing(monkeypatch):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="`probe_every` must be >= 0, got -1"):
         TrainConfig(probe_every=-1)
+
+
+def test_pps_selector_is_unbiased_and_equals_full_grpo_when_it_draws_everything(monkeypatch):
+    from chunkmask.testbed import trainer
+
+    real = trainer.rollout
+    monkeypatch.setattr(
+        trainer, "rollout",
+        lambda *a, **k: (lambda b: b._replace(success=torch.arange(b.success.shape[0]) % 3 == 0))(
+            real(*a, **k)
+        ),
+    )
+    kw = dict(steps=2, eval_every=10, mini_batch=6)
+    full = _policy()
+    train(full, _cfg("full", **kw), env_config=ENV)
+    pps = _policy()
+    records = train(pps, _cfg("pps", budget=4, estimator="horvitz_thompson", **kw),
+                    env_config=ENV).records  # K = 4 x 6 >= every chunk: pi = 1 where A != 0
+    assert all(r["chunks_updated"] == r["chunks_executed"] for r in records)
+    for a, b in zip(full.parameters(), pps.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # A small budget draws about B chunks per trajectory over the batch, none where A = 0.
+    rec = train(_policy(), _cfg("pps", budget=1, estimator="horvitz_thompson", **kw),
+                env_config=ENV).records
+    assert all(r["chunks_updated"] == 6 for r in rec)  # exactly K = 1 x 6

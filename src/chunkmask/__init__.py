@@ -63,6 +63,7 @@ from chunkmask.phases import (
     label_gripper_phases,
     label_time_segments,
 )
+from chunkmask.pps import chunk_score_norm, pps_inclusion, pps_sample
 from chunkmask.profiling import (
     CudaPeakMemory,
     FlopCount,
@@ -151,6 +152,7 @@ __all__ = [
     "chunk_gae",
     "chunk_log_prob",
     "chunk_rewards",
+    "chunk_score_norm",
     "chunked_ppo_loss",
     "clipped_surrogate",
     "count_flops",
@@ -176,6 +178,8 @@ __all__ = [
     "pairs_for_halfwidth",
     "phase_shares",
     "plackett_luce_sample",
+    "pps_inclusion",
+    "pps_sample",
     "selector_statistics",
     "shrink",
     "staleness",

@@ -15,7 +15,10 @@ take one clipped-surrogate AdamW step on the rollouts' action tokens. The only t
   recomputed on the kept rollouts;
 - `"token_entropy"`: every chunk enters the forward, but the loss keeps only the
   `token_fraction` of action tokens with the highest entropy (arXiv 2506.01939). It saves no
-  update compute in this architecture: one forward yields all of a chunk's tokens.
+  update compute in this architecture: one forward yields all of a chunk's tokens;
+- `"pps"`: `B` chunks per trajectory on average over the batch, drawn with probability
+  proportional to `|A_i|` times `chunk_score_norm` (`pps_sample`); with
+  `estimator="horvitz_thompson"` an unbiased update with a Neyman allocation.
 
 With PCM the whole change to the loop is the `masker.select` call and the `shrink` of the batch
 to the selected chunks (`update` below). Two options apply to every selector:
@@ -43,6 +46,7 @@ from chunkmask import (
     ProbabilisticChunkMasker,
     Selection,
     advantage_aware_budgets,
+    chunk_score_norm,
     dynamic_sampling_mask,
     gradient_cosine,
     gripper_close_fraction,
@@ -52,6 +56,7 @@ from chunkmask import (
     masked_grpo_loss,
     max_variance_downsample,
     plackett_luce_sample,
+    pps_sample,
     shrink,
     top_phase_sample,
     topk_sample,
@@ -63,7 +68,9 @@ from chunkmask.testbed.env import sample_initial_states as _sample_states
 from chunkmask.testbed.policy import TokenChunkPolicy
 from chunkmask.testbed.rollout import RolloutBatch, rollout
 
-Selector = Literal["full", "pcm", "random", "top_phase", "entropy_topk", "pods", "token_entropy"]
+Selector = Literal[
+    "full", "pcm", "random", "top_phase", "entropy_topk", "pods", "token_entropy", "pps"
+]
 SELECTORS: tuple[str, ...] = (
     "full",
     "pcm",
@@ -72,6 +79,7 @@ SELECTORS: tuple[str, ...] = (
     "entropy_topk",
     "pods",
     "token_entropy",
+    "pps",
 )
 
 
@@ -163,10 +171,10 @@ class TrainConfig:
         """Raise `ValueError`/`TypeError` naming the first field that is out of range."""
         check_option(self.selector, "selector", SELECTORS)
         check_option(self.estimator, "estimator", ("masked", "horvitz_thompson"))
-        if self.estimator == "horvitz_thompson" and self.selector not in ("full", "pcm"):
+        if self.estimator == "horvitz_thompson" and self.selector not in ("full", "pcm", "pps"):
             raise ValueError(
                 "`estimator='horvitz_thompson'` needs inclusion probabilities: selector must be "
-                f"'full' or 'pcm', got {self.selector!r}."
+                f"'full', 'pcm' or 'pps', got {self.selector!r}."
             )
         for name in (
             "budget",
@@ -365,7 +373,11 @@ def update(
         valid = valid & keep[:, None]
 
     info = None
-    if cfg.selector == "pcm":  # PCM: score the phases, draw B chunks per trajectory (Eq. 5-10)
+    pps_inclusion = None
+    if cfg.selector == "pps":  # probability proportional to |A_i| x the chunk's score norm
+        sizes = advantages.abs()[:, None] * chunk_score_norm(batch.logp)
+        selection, pps_inclusion = pps_sample(sizes, cfg.budget, valid=valid, generator=generator)
+    elif cfg.selector == "pcm":  # PCM: score the phases, draw B chunks per trajectory (Eq. 5-10)
         # An advantage-aware masker sees every trajectory: it gives the zero-advantage ones (the
         # groups dynamic sampling drops) no chunks and spreads their budget over the others.
         scored = batch.valid if cfg.advantage_aware else valid
@@ -404,7 +416,12 @@ def update(
             "adv": advantages[rows],
         }
         if cfg.estimator == "horvitz_thompson":
-            pi = info.inclusion if info is not None else torch.ones_like(batch.valid, dtype=float)
+            if pps_inclusion is not None:
+                pi = pps_inclusion
+            elif info is not None:
+                pi = info.inclusion
+            else:
+                pi = torch.ones_like(batch.valid, dtype=float)
             tree["inclusion"] = pi[rows].float()
         packed = shrink(tree, part)
         logp, entropy = policy.log_prob(
