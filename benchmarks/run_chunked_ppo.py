@@ -1,5 +1,8 @@
 """Results driver for `examples/metaworld_chunked_ppo.py`: tasks x seeds x variants, then a summary.
 
+Superseded by `benchmarks/chunked_ppo_study.py` (resumable per variant, confidence intervals,
+paired differences); kept for the runs behind the earlier `docs/chunked_ppo.md`.
+
 Each (task, seed) runs the example as its own process, `python examples/metaworld_chunked_ppo.py
 --task T --seed S --out OUT ...`: the example is the single runner and this script only schedules
 it and aggregates the files it writes (nothing here imports the example). Runs are resumable: the
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
 
 def variants_in(seed_dir: Path) -> list[str]:
     """The variants that finished in a run directory (one `<variant>.json` each), in order."""
-    return sorted(p.stem for p in seed_dir.glob("*.json"))
+    return sorted(p.stem for p in seed_dir.glob("*.json") if p.stem != "sft")
 
 
 def _mean(xs):

@@ -7,13 +7,23 @@ imperfect (the SFT policy). Then one of three post-training variants runs from t
 - ``ppo``: chunk-level PPO (`chunk_rewards`, `chunk_gae` with gamma^H between chunks,
   `chunk_log_prob`, the clipped surrogate `chunked_ppo_loss`, the clipped Huber `value_loss`);
 - ``ppo_sbc``: the same plus self behaviour cloning: successful rollouts enter a `SuccessBuffer`
-  and a `bc_loss` on it is added with an adaptive weight (`LossBalanceBCWeight` by default);
+  and a `bc_loss` on it is added with an adaptive weight (`--bc-weight`: ``constant``,
+  ``success_rate``, ``loss_balance`` or ``product``, see `make_bc_weight`);
 - ``ppo_sbc_pcm``: the same, but the PPO and value losses see only the chunks that
   `ProbabilisticChunkMasker` selects (select, `shrink`, loss on the packed batch).
 
+``ppo_sbc+<rule>`` (and ``ppo_sbc_pcm+<rule>``) runs the variant with weight rule ``<rule>``: the
+weight-rule ablation.
+
 Each run reports the deterministic (mean-action) success rate and steps-to-success on a fixed set of
-evaluation goals, against the SFT policy's on the same goals, the wall-clock split into rollout,
-update and evaluation time, and learning curves as PNG.
+evaluation goals (`--eval-episodes`, 50 by default: the first goals the evaluation env draws for
+the seed, the same for SFT and every variant), the wall-clock and CPU time split into rollout,
+update and evaluation, the environment steps, the PPO and BC gradient norms per iteration, and
+learning curves (on the first `--curve-episodes` of those goals) as PNG.
+
+The SFT demonstrations come from the scripted expert on the first goals of the training env's
+sequence, with MetaWorld's full horizon (500 steps) whatever the RL episode cap; training then
+starts from the next goal.
 
 Environment conventions: state observations (39-d), actions in [-1, 1]^4 whose last dim is the
 gripper (+1 closes). Reward: the MetaWorld dense reward divided by 100 per step; on success the
@@ -21,10 +31,16 @@ episode terminates with a terminal bonus of ``10 * 0.01 / (1 - gamma)`` (= 10 fo
 the discounted value of staying at the maximum reward forever, so reaching success sooner is always
 better. Episodes are cut at ``--max-steps`` (truncation, bootstrapped by the critic).
 
+Results are resumable per (task, seed, variant): the SFT checkpoint goes to
+``OUT/<task>/seed<k>/sft.pt`` and one JSON record per finished variant (and ``sft.json``) to
+``RESULTS/<task>/seed<k>/`` (``--results``, default ``--out``); a variant whose record exists is
+loaded, not rerun, and a record made with another config is refused. The study driver is
+``benchmarks/chunked_ppo_study.py``.
+
 Usage::
 
     python examples/metaworld_chunked_ppo.py --task pick-place-v3 --seed 0 \
-        --variants ppo ppo_sbc ppo_sbc_pcm --out runs/chunked_ppo
+        --variants ppo ppo_sbc ppo_sbc_pcm ppo_sbc+loss_balance --out runs/chunked_ppo
     python examples/metaworld_chunked_ppo.py --quick      # seconds; used by the tests
 
 Requires the ``metaworld`` extra (``pip install chunkmask[metaworld]``).
@@ -48,8 +64,11 @@ from torch import nn
 from chunkmask import (
     NUM_PHASES,
     ConstantBCWeight,
+    EvictOldest,
+    EvictSlowest,
     LossBalanceBCWeight,
     ProbabilisticChunkMasker,
+    ProductBCWeight,
     Selection,
     SuccessBuffer,
     SuccessRateBCWeight,
@@ -64,6 +83,11 @@ from chunkmask import (
 )
 
 VARIANTS = ("ppo", "ppo_sbc", "ppo_sbc_pcm")
+# The adaptive PPO/BC weight rules (`--bc-weight`); "balance" and "success" are older aliases.
+BC_WEIGHT_RULES = ("constant", "success_rate", "loss_balance", "product")
+_BC_WEIGHT_ALIASES = {"balance": "loss_balance", "success": "success_rate"}
+# MetaWorld's own episode horizon (`max_path_length`): the scripted experts are given this long.
+EXPERT_HORIZON = 500
 
 # Number of expert demonstrations for the SFT start, chosen so that the SFT policy (mean action) is
 # imperfect: about 0.35 / 0.35 / 0.6 success on seed 0's evaluation goals. Other tasks default to 5.
@@ -79,13 +103,18 @@ class Config:
     hidden: int = 128
     # SFT
     num_demos: int = 0  # 0: TASK_DEMOS.get(task, 5)
+    # Scale of the expert's arm (xyz) actions in the demos; < 1 gives slower demonstrations (as
+    # human teleoperation is slower than a scripted controller), which RL can then speed up.
+    demo_speed: float = 1.0
     sft_steps: int = 1500
     sft_batch: int = 256
     sft_lr: float = 1e-3
     init_log_std: float = -1.6
     # PPO
-    iterations: int = 30
-    episodes_per_iter: int = 8
+    # 40 x 32 episodes (about 120k-145k env steps): the budget the pilots chose
+    # (docs/chunked_ppo_pilot.md); 30 x 8 stopped at 0.5 success.
+    iterations: int = 40
+    episodes_per_iter: int = 32
     ppo_epochs: int = 4
     num_minibatches: int = 4
     lr: float = 3e-4
@@ -100,14 +129,22 @@ class Config:
     reward_scale: float = 0.01
     critic_warmup_iters: int = 2
     # self-BC
-    buffer_capacity: int = 32
+    buffer_capacity: int = 128
     bc_batch_traj: int = 8
-    bc_weight: str = "balance"  # constant | success | balance
+    buffer_eviction: str = "slowest"  # slowest | oldest
+    # One of BC_WEIGHT_RULES (or the aliases balance / success). success_rate did at least as well
+    # as loss_balance in the paired pilots (docs/chunked_ppo_pilot.md); its BC term is small.
+    bc_weight: str = "success_rate"
     bc_constant: float = 0.1
+    bc_balance_cap: float = 10.0
+    # Clip the actor's and the critic's gradients separately, so that the critic's gradient norm
+    # does not set the actor's step (under Adam a common rescaling changes little; not measured).
+    separate_clip: bool = True
     # PCM
     pcm_budget: int = 8
     # evaluation
-    eval_episodes: int = 20
+    eval_episodes: int = 50
+    curve_episodes: int = 20  # intermediate evaluations use the first `curve_episodes` goals
     eval_every: int = 10
     quick: bool = False
 
@@ -129,6 +166,7 @@ def quick_config(cfg: Config) -> Config:
         bc_batch_traj=2,
         pcm_budget=2,
         eval_episodes=1,
+        curve_episodes=1,
         eval_every=2,
         quick=True,
     )
@@ -182,29 +220,51 @@ def expert_policy(task: str):
     return getattr(policies, name)()
 
 
-def collect_demos(env, task: str, num: int, max_steps: int) -> list[dict[str, np.ndarray]]:
-    """Roll the scripted expert until success; keep `num` successful demonstrations."""
+def collect_demos(env, task: str, num: int, max_steps: int = EXPERT_HORIZON,
+                  max_tries: int | None = None, speed: float = 1.0) -> list[dict[str, np.ndarray]]:
+    """Roll the scripted expert until success; keep `num` successful demonstrations.
+
+    The expert gets `max_steps` steps per try (MetaWorld's own horizon by default, whatever the
+    RL episode cap), because some experts are slow: drawer-close-v3's needs more than 60 steps.
+    `speed` scales the expert's arm (xyz) actions, not the gripper's. Each demo's ``"try"`` is
+    the number of resets up to it (the last demo's is the number of goals used).
+
+    Raises:
+        ValueError: if `num` or `max_steps` is not a positive int.
+        RuntimeError: if fewer than `num` of `max_tries` (default `5 * num`) tries succeed.
+    """
+    if not isinstance(num, int) or num < 1:
+        raise ValueError(f"`num` must be a positive int, got {num!r}.")
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be a positive int, got {max_steps!r}.")
+    if not 0.0 < speed <= 1.0:
+        raise ValueError(f"`speed` must lie in (0, 1], got {speed!r}.")
+    scale = np.array([speed, speed, speed, 1.0], np.float32)
+    max_tries = 5 * num if max_tries is None else max_tries
     expert = expert_policy(task)
     demos: list[dict[str, np.ndarray]] = []
     tries = 0
-    while len(demos) < num and tries < 5 * num:
+    while len(demos) < num and tries < max_tries:
         tries += 1
         obs, _ = env.reset()
         obs_l, act_l = [], []
         for _ in range(max_steps):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                act = np.clip(expert.get_action(obs), -1.0, 1.0).astype(np.float32)
+                act = np.clip(expert.get_action(obs), -1.0, 1.0).astype(np.float32) * scale
             obs_l.append(obs.astype(np.float32))
             act_l.append(act)
             obs, _, terminated, truncated, info = env.step(act)
             if info["success"]:
-                demos.append({"obs": np.stack(obs_l), "actions": np.stack(act_l)})
+                demos.append({"obs": np.stack(obs_l), "actions": np.stack(act_l), "try": tries})
                 break
             if terminated or truncated:
                 break
-    if not demos:
-        raise RuntimeError(f"The scripted expert never succeeded on {task}.")
+    if len(demos) < num:
+        raise RuntimeError(
+            f"The scripted expert of {task} succeeded in {len(demos)} of {tries} tries within "
+            f"{max_steps} steps; {num} demonstrations were asked for."
+        )
     return demos
 
 
@@ -352,10 +412,25 @@ def run_episodes(env, policy: GaussianChunkPolicy, cfg: Config, num: int, *, det
     return out
 
 
-def evaluate(eval_env, eval_state, policy: GaussianChunkPolicy, cfg: Config) -> dict[str, Any]:
-    """Mean-action success and steps-to-success on the same goals every time."""
+def episode_summary(success: list[bool], steps: list[int]) -> dict[str, float]:
+    """Success rate, mean steps over successes (NaN if none) and mean steps with failures at cap."""
+    wins = [s for s, ok in zip(steps, success, strict=True) if ok]
+    return {
+        "success": sum(success) / len(success),
+        "steps_to_success": sum(wins) / len(wins) if wins else float("nan"),
+        "steps_all": sum(steps) / len(steps),
+    }
+
+
+def evaluate(eval_env, eval_state, policy: GaussianChunkPolicy, cfg: Config,
+             episodes: int | None = None) -> dict[str, Any]:
+    """Mean-action success and steps-to-success on the same goals every time.
+
+    The goals are the first `episodes` (default `cfg.eval_episodes`) of the sequence that the
+    evaluation env draws from `eval_state`, so every variant (and SFT) of a seed sees the same ones.
+    """
     restore(eval_env, eval_state)
-    res = run_episodes(eval_env, policy, cfg, cfg.eval_episodes, deterministic=True)
+    res = run_episodes(eval_env, policy, cfg, episodes or cfg.eval_episodes, deterministic=True)
     succ = res["success"]
     steps = res["steps_to_success"].float()
     return {
@@ -373,14 +448,44 @@ def evaluate(eval_env, eval_state, policy: GaussianChunkPolicy, cfg: Config) -> 
 # Post-training
 
 
+def bc_weight_rule_name(name: str) -> str:
+    """The canonical rule name of `name` (one of `BC_WEIGHT_RULES` or an alias)."""
+    rule = _BC_WEIGHT_ALIASES.get(name, name)
+    if rule not in BC_WEIGHT_RULES:
+        raise ValueError(f"`bc_weight` must be one of {BC_WEIGHT_RULES} (or an alias in "
+                         f"{tuple(_BC_WEIGHT_ALIASES)}), got {name!r}.")
+    return rule
+
+
 def make_bc_weight(cfg: Config):
-    if cfg.bc_weight == "constant":
+    """The PPO/BC weight rule named by `cfg.bc_weight`.
+
+    - ``constant``: `ConstantBCWeight(bc_constant)`;
+    - ``success_rate``: `SuccessRateBCWeight(0.02, 0.5, momentum=0.5)`, high while rollouts fail;
+    - ``loss_balance``: `LossBalanceBCWeight(0.5)` on the two gradient norms, capped at
+      `bc_balance_cap`;
+    - ``product``: loss_balance times a success-rate factor in [0, 1].
+    """
+    rule = bc_weight_rule_name(cfg.bc_weight)
+    if rule == "constant":
         return ConstantBCWeight(cfg.bc_constant)
-    if cfg.bc_weight == "success":
+    if rule == "success_rate":
         return SuccessRateBCWeight(low=0.02, high=0.5, momentum=0.5)
-    if cfg.bc_weight == "balance":
-        return LossBalanceBCWeight(ratio=0.5, momentum=0.8, high=10.0, initial=0.1)
-    raise ValueError(f"`bc_weight` must be one of ('constant', 'success', 'balance'), got {cfg.bc_weight!r}.")
+    balance = LossBalanceBCWeight(ratio=0.5, momentum=0.8, high=cfg.bc_balance_cap, initial=0.1)
+    if rule == "loss_balance":
+        return balance
+    return ProductBCWeight(balance, SuccessRateBCWeight(low=0.0, high=1.0, momentum=0.5))
+
+
+def split_variant(variant: str) -> tuple[str, str | None]:
+    """Split ``"ppo_sbc+<rule>"`` (a weight-rule ablation) into its base variant and rule."""
+    base, sep, rule = variant.partition("+")
+    if base not in VARIANTS or (sep and base == "ppo"):
+        raise ValueError(f"`variant` must be one of {VARIANTS}, optionally with '+<bc weight rule>' "
+                         f"after ppo_sbc or ppo_sbc_pcm, got {variant!r}.")
+    if not sep:
+        return base, None
+    return base, bc_weight_rule_name(rule)
 
 
 def _grad_norm(grads) -> float:
@@ -394,12 +499,13 @@ def _grad_norm(grads) -> float:
 def post_train(policy: GaussianChunkPolicy, variant: str, cfg: Config, env, eval_env, eval_ckpt,
                sft_eval: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Run one variant from the SFT policy; return its history and final evaluation."""
-    if variant not in VARIANTS:
-        raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}.")
+    base, rule = split_variant(variant)
+    if rule is not None:
+        cfg = dataclasses.replace(cfg, bc_weight=rule)
     from tqdm.auto import tqdm
 
-    use_bc = variant in ("ppo_sbc", "ppo_sbc_pcm")
-    use_pcm = variant == "ppo_sbc_pcm"
+    use_bc = base in ("ppo_sbc", "ppo_sbc_pcm")
+    use_pcm = base == "ppo_sbc_pcm"
     gen = torch.Generator().manual_seed(10_000 * cfg.seed + 17)
     opt = torch.optim.Adam(
         [
@@ -407,20 +513,33 @@ def post_train(policy: GaussianChunkPolicy, variant: str, cfg: Config, env, eval
             {"params": policy.critic.parameters(), "lr": cfg.critic_lr},
         ]
     )
-    buffer = SuccessBuffer(cfg.buffer_capacity) if use_bc else None
+    eviction = {"slowest": EvictSlowest, "oldest": EvictOldest}.get(cfg.buffer_eviction)
+    if eviction is None:
+        raise ValueError(f"`buffer_eviction` must be one of ('slowest', 'oldest'), "
+                         f"got {cfg.buffer_eviction!r}.")
+    buffer = SuccessBuffer(cfg.buffer_capacity, eviction=eviction()) if use_bc else None
     weight_rule = make_bc_weight(cfg) if use_bc else None
     masker = ProbabilisticChunkMasker(cfg.pcm_budget, NUM_PHASES, seed=cfg.seed) if use_pcm else None
     H, D = cfg.chunk_size, policy.act_dim
     history: list[dict[str, Any]] = []
-    curve = [{"iteration": 0, **{k: sft_eval[k] for k in ("success", "steps_to_success", "steps_all")}}]
+    n_curve = min(cfg.curve_episodes, cfg.eval_episodes)
+
+    def curve_point(it: int, ev: dict[str, Any]) -> dict[str, Any]:
+        # Every point of the curve uses the same first `n_curve` goals.
+        return {"iteration": it, **episode_summary(ev["per_episode_success"][:n_curve],
+                                                   ev["per_episode_steps"][:n_curve])}
+
+    curve = [curve_point(0, sft_eval)]
     t_rollout = t_update = t_eval = 0.0
-    start = time.perf_counter()
+    env_steps = 0
+    start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(range(1, cfg.iterations + 1), desc=f"{cfg.task} {variant} s{cfg.seed}",
                disable=not progress, leave=False)
     for it in bar:
         t0 = time.perf_counter()
         batch = run_episodes(env, policy, cfg, cfg.episodes_per_iter, deterministic=False, gen=gen)
         t_rollout += time.perf_counter() - t0
+        env_steps += int(batch["lengths"].sum())
 
         t0 = time.perf_counter()
         valid = batch["valid"]
@@ -458,10 +577,12 @@ def post_train(policy: GaussianChunkPolicy, variant: str, cfg: Config, env, eval
                 success=success, steps=batch["steps_to_success"],
             )
         critic_only = it <= cfg.critic_warmup_iters
-        stats = {"ppo_gn": 0.0, "bc_gn": 0.0, "bc_loss": 0.0, "clip_frac": 0.0, "v_loss": 0.0}
+        stats = {"ppo_gn": 0.0, "bc_gn": 0.0, "critic_gn": 0.0, "bc_loss": 0.0, "clip_frac": 0.0,
+                 "v_loss": 0.0}
         n_mb = 0
         weight = weight_rule.value if weight_rule is not None else 0.0
         actor_params = policy.actor_parameters()
+        critic_params = list(policy.critic.parameters())
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(M, generator=gen)
             for mb in perm.chunk(cfg.num_minibatches):
@@ -490,7 +611,12 @@ def post_train(policy: GaussianChunkPolicy, variant: str, cfg: Config, env, eval
                     stats["bc_loss"] += float(lbc.detach())
                     for p, g in zip(actor_params, grads, strict=True):
                         p.grad = g * weight if p.grad is None else p.grad + weight * g
-                nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                stats["critic_gn"] += _grad_norm([p.grad for p in critic_params])
+                if cfg.separate_clip:
+                    nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
+                    nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm)
+                else:
+                    nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
                 opt.step()
                 stats["clip_frac"] += float((pol.clip_frac_low + pol.clip_frac_high).detach())
                 stats["v_loss"] += float(vl.detach())
@@ -511,20 +637,31 @@ def post_train(policy: GaussianChunkPolicy, variant: str, cfg: Config, env, eval
             "bc_weight": weight,
             "buffer": len(buffer) if buffer is not None else 0,
             "log_std": float(policy.log_std.detach().mean()),
+            # PPO over (unweighted) BC gradient norm: what LossBalanceBCWeight divides.
+            "grad_ratio": stats["ppo_gn"] / stats["bc_gn"] if stats["bc_gn"] > 0 else None,
+            "env_steps": env_steps,
             **stats,
         }
         if it % cfg.eval_every == 0 or it == cfg.iterations:
             t0 = time.perf_counter()
-            ev = evaluate(eval_env, eval_ckpt, policy, cfg)
+            last = it == cfg.iterations
+            ev = evaluate(eval_env, eval_ckpt, policy, cfg,
+                          episodes=cfg.eval_episodes if last else min(cfg.curve_episodes, cfg.eval_episodes))
             t_eval += time.perf_counter() - t0
             row.update(eval_success=ev["success"], eval_steps=ev["steps_to_success"])
-            curve.append({"iteration": it, **{k: ev[k] for k in ("success", "steps_to_success", "steps_all")}})
+            curve.append(curve_point(it, ev))
             final_eval = ev
         history.append(row)
         bar.set_postfix(train=f"{row['train_success']:.2f}", w=f"{weight:.2f}")
+        if not progress and (it % cfg.eval_every == 0 or it == cfg.iterations):
+            print(f"{cfg.task} {variant} s{cfg.seed} it {it}: train {row['train_success']:.2f} "
+                  f"eval {row.get('eval_success', float('nan')):.2f} w {weight:.3g} "
+                  f"ratio {row['grad_ratio'] or 0:.3g} steps {env_steps}", flush=True)
     total = time.perf_counter() - start
     return {
         "variant": variant,
+        "config": dataclasses.asdict(cfg),
+        "cpu_s": time.process_time() - cpu_start,
         "final": final_eval,
         "history": history,
         "curve": curve,
@@ -532,12 +669,32 @@ def post_train(policy: GaussianChunkPolicy, variant: str, cfg: Config, env, eval
         "rollout_s": t_rollout,
         "update_s": t_update,
         "eval_s": t_eval,
-        "env_steps": int(sum(h["train_steps"] for h in history) * cfg.episodes_per_iter),
+        "env_steps": env_steps,
     }
 
 
 # --------------------------------------------------------------------------------------------
 # One task and seed: SFT (cached) and the variants
+
+
+# Config fields the SFT stage depends on: a cached `sft.pt` made with other values is not reused.
+SFT_KEYS = ("task", "seed", "chunk_size", "max_steps", "hidden", "num_demos", "demo_speed", "sft_steps",
+            "sft_batch", "sft_lr", "init_log_std", "eval_episodes", "reward_scale", "gamma")
+
+
+def config_mismatch(saved: dict[str, Any], cfg: Config, keys=None) -> list[str]:
+    """The config fields (all, or `keys`) on which a saved record's config differs from `cfg`."""
+    now = dataclasses.asdict(cfg)
+    return [k for k in (keys or now) if saved.get(k, now[k]) != now[k]]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as JSON atomically (a temporary file, then a rename), so that a killed run
+    never leaves a half-written result that a resumed run would take as finished."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=True))
+    os.replace(tmp, path)
 
 
 def sft_stage(cfg: Config, out_dir: Path | None, progress: bool = True):
@@ -550,15 +707,27 @@ def sft_stage(cfg: Config, out_dir: Path | None, progress: bool = True):
     act_dim = env.action_space.shape[0]
     policy = GaussianChunkPolicy(obs_dim, act_dim, cfg.chunk_size, cfg.hidden, cfg.init_log_std)
     sft_path = out_dir / "sft.pt" if out_dir is not None else None
-    if sft_path is not None and sft_path.exists():
-        saved = torch.load(sft_path, weights_only=False)
+    saved = torch.load(sft_path, weights_only=False) if sft_path is not None and sft_path.exists() else None
+    if saved is not None and config_mismatch(saved.get("config", {}), cfg, SFT_KEYS):
+        raise ValueError(
+            f"{sft_path} was made with a different config (fields "
+            f"{config_mismatch(saved['config'], cfg, SFT_KEYS)}); use another --out or delete it.")
+    if saved is not None:
         policy.load_state_dict(saved["policy"])
         sft_eval, sft_info, env_ckpt = saved["eval"], saved["info"], saved["env"]
         restore(env, env_ckpt)
     else:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         num_demos = cfg.num_demos or TASK_DEMOS.get(cfg.task, 5)
-        demos = collect_demos(env, cfg.task, num_demos, cfg.max_steps)
+        # The expert runs in a twin of the training env (same seed, so the same goal sequence)
+        # with MetaWorld's full horizon, so that a short episode cap (--quick) cannot starve a
+        # slow expert. The training env then skips the goals the demos used, as if it had drawn
+        # them itself.
+        demo_env = make_env(cfg.task, cfg.seed, EXPERT_HORIZON)
+        demos = collect_demos(demo_env, cfg.task, num_demos, EXPERT_HORIZON, speed=cfg.demo_speed)
+        demo_env.close()
+        for _ in range(demos[-1]["try"]):
+            env.reset()
         gen = torch.Generator().manual_seed(cfg.seed)
         sft_info = fit_sft(policy, demos, cfg, gen)
         sft_info["demo_steps"] = [len(d["actions"]) for d in demos]
@@ -566,29 +735,53 @@ def sft_stage(cfg: Config, out_dir: Path | None, progress: bool = True):
         t0 = time.perf_counter()
         sft_eval = evaluate(eval_env, eval_ckpt, policy, cfg)
         sft_eval["eval_s"] = time.perf_counter() - t0
+        sft_info["cpu_s"] = time.process_time() - c0
         env_ckpt = checkpoint(env)
         if sft_path is not None:
             sft_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = sft_path.with_name(f".sft.{os.getpid()}.tmp")
             torch.save({"policy": policy.state_dict(), "eval": sft_eval, "info": sft_info,
-                        "env": env_ckpt}, sft_path)
+                        "env": env_ckpt, "config": dataclasses.asdict(cfg)}, tmp)
+            os.replace(tmp, sft_path)
     return env, eval_env, eval_ckpt, policy, sft_eval, sft_info, env_ckpt
 
 
-def run_task_seed(cfg: Config, variants, out_dir: Path | None, progress: bool = True) -> dict[str, Any]:
-    """SFT once, then each variant from a copy of the SFT policy and the same env state."""
+def run_task_seed(cfg: Config, variants, out_dir: Path | None, progress: bool = True,
+                  results_dir: Path | None = None) -> dict[str, Any]:
+    """SFT once, then each variant from a copy of the SFT policy and the same env state.
+
+    Checkpoints (`sft.pt`) go to `out_dir`; the small JSON records (`sft.json`, one
+    `<variant>.json` per finished variant) to `results_dir` (default `out_dir`). A variant whose
+    JSON exists is loaded, not rerun: the run resumes per (task, seed, variant).
+    """
+    results_dir = out_dir if results_dir is None else results_dir
+    done: dict[str, Any] = {}
+    for v in variants:
+        split_variant(v)
+        path = results_dir / f"{v}.json" if results_dir is not None else None
+        if path is not None and path.exists():
+            done[v] = json.loads(path.read_text())
+            diff = config_mismatch(done[v].get("base_config", {}), cfg)
+            if diff:
+                raise ValueError(f"{path} was made with a different config (fields {diff}); use "
+                                 "another --results directory or delete it.")
     env, eval_env, eval_ckpt, sft_policy, sft_eval, sft_info, env_ckpt = sft_stage(cfg, out_dir, progress)
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "sft": {**sft_eval, **sft_info}}
+    if results_dir is not None:
+        write_json(results_dir / "sft.json", {"variant": "sft", "config": dataclasses.asdict(cfg),
+                                              "final": sft_eval, "info": sft_info})
     for variant in variants:
-        path = out_dir / f"{variant}.json" if out_dir is not None else None
-        if path is not None and path.exists():
-            results[variant] = json.loads(path.read_text())
+        path = results_dir / f"{variant}.json" if results_dir is not None else None
+        if variant in done:
+            results[variant] = done[variant]
             continue
         torch.manual_seed(cfg.seed)
         restore(env, env_ckpt)  # every variant sees the same training goals
         res = post_train(copy.deepcopy(sft_policy), variant, cfg, env, eval_env, eval_ckpt,
                          sft_eval, progress)
+        res["base_config"] = dataclasses.asdict(cfg)
         if path is not None:
-            path.write_text(json.dumps(res, indent=1))
+            write_json(path, res)
         results[variant] = res
     return results
 
@@ -601,9 +794,7 @@ def plot_curves(results: dict[str, Any], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for variant in VARIANTS:
-        if variant not in results:
-            continue
+    for variant in (k for k in results if k not in ("config", "sft")):
         res = results[variant]
         hist = res["history"]
         axes[0].plot([h["iteration"] for h in hist], [h["train_success"] for h in hist], label=variant)
@@ -628,7 +819,7 @@ def summarise(results: dict[str, Any]) -> str:
     lines = [f"{'variant':<13} {'success':>8} {'steps':>7} {'steps_all':>9} {'wall_s':>8} {'update_s':>9}"]
     s = results["sft"]
     lines.append(f"{'sft':<13} {s['success']:>8.2f} {s['steps_to_success']:>7.1f} {s['steps_all']:>9.1f} {'':>8} {'':>9}")
-    for v in VARIANTS:
+    for v in (k for k in results if k not in ("config", "sft")):
         if v in results:
             r = results[v]
             f = r["final"]
@@ -637,18 +828,34 @@ def summarise(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _parse_bool(text: str) -> bool:
+    """`true`/`1`/`yes` or `false`/`0`/`no` (argparse's `bool` would read "False" as True)."""
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def main(argv=None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="pick-place-v3")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--out", type=Path, default=None, help="directory for JSON, checkpoints, PNG")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        help=f"any of {VARIANTS}; 'ppo_sbc+<rule>' runs ppo_sbc with weight rule "
+                             f"<rule> in {BC_WEIGHT_RULES}")
+    parser.add_argument("--out", type=Path, default=None, help="directory for checkpoints and PNG "
+                        "(and the JSON records unless --results is given); OUT/<task>/seed<k>/")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="directory for the JSON records, RESULTS/<task>/seed<k>/")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     parser.add_argument("--no-progress", action="store_true")
     for field in dataclasses.fields(Config):
         if field.name in ("task", "seed", "quick"):
             continue
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=None)
+        kind = _parse_bool if isinstance(field.default, bool) else type(field.default)
+        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cfg = Config(task=args.task, seed=args.seed)
@@ -657,8 +864,15 @@ def main(argv=None) -> dict[str, Any]:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if f.name not in ("task", "seed", "quick") and getattr(args, f.name) is not None}
     cfg = dataclasses.replace(cfg, **overrides)
+    for v in args.variants:
+        try:
+            split_variant(v)
+        except ValueError as err:
+            parser.error(str(err))
     out_dir = args.out / cfg.task / f"seed{cfg.seed}" if args.out is not None else None
-    results = run_task_seed(cfg, args.variants, out_dir, progress=not args.no_progress)
+    res_dir = args.results / cfg.task / f"seed{cfg.seed}" if args.results is not None else None
+    results = run_task_seed(cfg, args.variants, out_dir, progress=not args.no_progress,
+                            results_dir=res_dir)
     print(summarise(results))
     if out_dir is not None:
         plot_curves(results, out_dir / "curves.png", f"{cfg.task} seed {cfg.seed}")
