@@ -1,7 +1,7 @@
 """What each chunk selector costs in gradient signal on the testbed's SFT policy.
 
-    python benchmarks/selector_diagnostics.py --out runs/diag --batches 30
-    python benchmarks/selector_diagnostics.py --out runs/diag --report docs/selector_diagnostics.json
+    python benchmarks/selector_diagnostics.py --out runs/diag2 --batches 30
+    python benchmarks/selector_diagnostics.py --out runs/diag2 --report docs/selector_diagnostics.json
 
 For each of `--batches` independent rollout batches (8 prompts x 8 rollouts from the seed-0 SFT
 checkpoint of the main job, fresh initial states and sampling seeds per batch) it computes the
