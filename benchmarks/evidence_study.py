@@ -445,7 +445,12 @@ def report(results: Path, out: Path, diagnostics: Path | None = None):
         "",
         "Each arm's final success minus GRPO's on the same seeds (same SFT checkpoint, prompts, "
         "rollout seeds and evaluation states); 95% t-interval over seeds; TOST at ±5 points "
-        "(alpha 0.05 each side). Speedups are totals over the paired seeds, measured side by side.",
+        "(alpha 0.05 each side), without a correction for the number of arms. Speedups are "
+        "totals over the paired seeds. The four pre-registered arms (`grpo`, `pcm`, `random_aa`, "
+        "`pcm_aa`) ran one after the other in the same process per seed, under the same load; "
+        "the arms added later ran hours after their GRPO pairs, on a machine shared with other "
+        "jobs, so their time speedups mix two load conditions: for them `chunks` (the share of "
+        "GRPO's back-propagated chunks) is the load-free measure of update compute.",
         "",
         head,
         *[rq1_line(arm, r) for arm, r in rq1.items()],
