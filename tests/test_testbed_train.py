@@ -379,6 +379,19 @@ def test_cause_scored_pcm_runs_and_floors_the_phases_after_the_onset(monkeypatch
     assert len(records[0]["keep_probabilities"]) == len(records[0]["V_c"]) == 4
 
 
+def _mixed_outcomes(monkeypatch):
+    """Every third rollout succeeds: a tiny random policy never does, so set the outcomes."""
+    from chunkmask.testbed import trainer
+
+    real = trainer.rollout
+
+    def mixed(*args, **kw):
+        batch = real(*args, **kw)
+        return batch._replace(success=torch.arange(batch.success.shape[0]) % 3 == 0)
+
+    monkeypatch.setattr(trainer, "rollout", mixed)
+
+
 @pytest.mark.parametrize(
     ("selector", "extra"),
     [
@@ -391,16 +404,7 @@ def test_cause_scored_pcm_runs_and_floors_the_phases_after_the_onset(monkeypatch
 def test_budget_at_least_the_chunk_count_is_full_grpo_bit_for_bit(selector, extra, monkeypatch):
     """The regression test of the evidence study: with B >= N every chunk is kept, and the
     trainer must then be exactly GRPO (same parameters after several steps, bit for bit)."""
-    from chunkmask.testbed import trainer
-
-    real = trainer.rollout
-
-    def mixed_outcomes(*args, **kw):  # a tiny random policy never succeeds: set the outcomes
-        batch = real(*args, **kw)
-        n = batch.success.shape[0]
-        return batch._replace(success=torch.arange(n) % 3 == 0)
-
-    monkeypatch.setattr(trainer, "rollout", mixed_outcomes)
+    _mixed_outcomes(monkeypatch)
     kw = dict(steps=3, dynamic_sampling=True, eval_every=10, **extra)
     full_kw = {k: v for k, v in kw.items() if k != "advantage_aware"}
     start = _policy()
@@ -417,15 +421,7 @@ def test_budget_at_least_the_chunk_count_is_full_grpo_bit_for_bit(selector, extr
 
 
 def test_online_probe_logs_the_cosine_and_changes_nothing(monkeypatch):
-    from chunkmask.testbed import trainer
-
-    real = trainer.rollout
-    monkeypatch.setattr(
-        trainer, "rollout",
-        lambda *a, **k: (lambda b: b._replace(success=torch.arange(b.success.shape[0]) % 3 == 0))(
-            real(*a, **k)
-        ),
-    )
+    _mixed_outcomes(monkeypatch)
     # B >= N: the masked gradient is the full one, cosine 1; logged every second step only.
     records = train(_policy(), _cfg("pcm", budget=4, steps=3, probe_every=2, eval_every=10),
                     env_config=ENV).records
@@ -444,15 +440,7 @@ def test_online_probe_logs_the_cosine_and_changes_nothing(monkeypatch):
 
 
 def test_pps_selector_is_unbiased_and_equals_full_grpo_when_it_draws_everything(monkeypatch):
-    from chunkmask.testbed import trainer
-
-    real = trainer.rollout
-    monkeypatch.setattr(
-        trainer, "rollout",
-        lambda *a, **k: (lambda b: b._replace(success=torch.arange(b.success.shape[0]) % 3 == 0))(
-            real(*a, **k)
-        ),
-    )
+    _mixed_outcomes(monkeypatch)
     kw = dict(steps=2, eval_every=10, mini_batch=6)
     full = _policy()
     train(full, _cfg("full", **kw), env_config=ENV)

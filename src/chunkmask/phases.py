@@ -166,6 +166,17 @@ def _check_thresholds(
     return sustained, active, pre_min, tail_max, window
 
 
+def _check_close_values(close_fraction: Tensor, valid: Tensor) -> None:
+    """Valid close fractions must be finite and in [0, 1] (one host sync)."""
+    check_finite(close_fraction, "close_fraction", where=valid)
+    out_of_range = valid & ((close_fraction < 0) | (close_fraction > 1))
+    if bool(out_of_range.any()):
+        raise ValueError(
+            f"`close_fraction` must lie in [0, 1] at valid chunks, got "
+            f"{int(out_of_range.sum())} value(s) outside."
+        )
+
+
 def label_gripper_phases(
     close_fraction: Float[Tensor, "traj chunk"],
     valid: Bool[Tensor, "traj chunk"] | None = None,
@@ -254,13 +265,7 @@ def label_gripper_phases(
         sustained, active, pre_min, tail_max, window
     )
     if validate_args:
-        check_finite(close_fraction, "close_fraction", where=valid)
-        out_of_range = valid & ((close_fraction < 0) | (close_fraction > 1))
-        if bool(out_of_range.any()):
-            raise ValueError(
-                f"`close_fraction` must lie in [0, 1] at valid chunks, got "
-                f"{int(out_of_range.sum())} value(s) outside."
-            )
+        _check_close_values(close_fraction, valid)
     n_traj, n_chunk = close_fraction.shape
     device = close_fraction.device
     if n_chunk == 0:
@@ -426,13 +431,7 @@ def label_grasp_onset(
     lead = check_positive_int(lead, "lead", allow_zero=True)
     active = check_range(active, "active", low=0.0, high=1.0)
     if validate_args:
-        check_finite(close_fraction, "close_fraction", where=valid)
-        out_of_range = valid & ((close_fraction < 0) | (close_fraction > 1))
-        if bool(out_of_range.any()):
-            raise ValueError(
-                f"`close_fraction` must lie in [0, 1] at valid chunks, got "
-                f"{int(out_of_range.sum())} value(s) outside."
-            )
+        _check_close_values(close_fraction, valid)
     n_traj, n_chunk = close_fraction.shape
     device = close_fraction.device
     if n_chunk == 0:
