@@ -148,8 +148,10 @@ def pps_sample(
         inclusion probabilities (0 at chunks that can never be drawn).
 
     Raises:
-        TypeError, ValueError: from `pps_inclusion`, naming the argument; on an unknown `scope`,
-        a tensor `budget` with `scope="batch"`, or a non-2-D `sizes`.
+        TypeError: on a non-float `sizes`, a non-bool `valid`, a non-integer `budget`, or a
+            tensor `budget` with `scope="batch"`.
+        ValueError: on a `sizes` that is not 2-D or holds a negative or non-finite valid size, a
+            `budget` below 1, mismatched shapes, or an unknown `scope`.
 
     Example:
         >>> import torch
