@@ -176,7 +176,7 @@ class ProbabilisticChunkMasker:
         advantage_aware: bool = False,
         max_budget: int | None = None,
         window: Literal["steps", "weighted"] = "steps",
-        min_groups: float = 0.0,
+        min_groups: int | float = 0.0,
         scored_phases: Sequence[int] | None = None,
     ) -> None:
         self.budget = check_positive_int(budget, "budget")

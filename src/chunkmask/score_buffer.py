@@ -124,7 +124,7 @@ class PhaseScoreBuffer:
         power: float = 1.0,
         process_group: Any = None,
         window: Literal["steps", "weighted"] = "steps",
-        min_groups: float = 0.0,
+        min_groups: int | float = 0.0,
     ) -> None:
         self.num_phases = check_positive_int(num_phases, "num_phases")
         self.refresh_every = check_positive_int(refresh_every, "refresh_every")
