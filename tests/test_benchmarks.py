@@ -455,6 +455,8 @@ def test_evidence_study_quick_writes_seeds_and_report(bench, tmp_path):
     data = json.loads(report.with_suffix(".json").read_text())
     assert set(data["rq3"]["pcm"]) == {"6", "12"} and data["rq3"]["pcm"]["12"]["seeds"] == 2
     assert data["rq1"]["arms"]["token_entropy"]["seeds"] == 2
+    # the off-budget arms of the B sweep are RQ3's only
+    assert "pcm_b6" not in data["rq1"]["arms"] and data["rq3"]["pcm"]["6"]["budget"] == 6
 
 
 def test_evidence_study_threshold_crossing_and_gradient_table(bench, tmp_path):

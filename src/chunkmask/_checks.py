@@ -274,3 +274,11 @@ def count_tensor(value: Any, name: str, device: torch.device) -> Tensor:
         return value.to(device=device, dtype=torch.int64)
     count = check_positive_int(value, name, allow_zero=True)
     return torch.tensor(count, dtype=torch.int64, device=device)
+
+
+def check_generator(generator: Any) -> None:
+    """Check that `generator` is a torch.Generator or None."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"`generator` must be a torch.Generator or None, got {type(generator).__name__}."
+        )

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from chunkmask._checks import (
     check_finite,
+    check_generator,
     check_positive_int,
     check_real,
     check_tensor,
@@ -325,10 +326,7 @@ class ActionTokenizer:
             TypeError: if `logits` is not floating point or `generator` not a torch.Generator.
             ValueError: on a bad `logits` shape or a `temperature` that is not positive.
         """
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"`generator` must be a torch.Generator or None, got {type(generator).__name__}."
-            )
+        check_generator(generator)
         logp = self._scaled_log_softmax(logits, temperature)
         u = torch.rand(logp.shape, generator=generator, device=logp.device, dtype=logp.dtype)
         tiny = torch.finfo(logp.dtype).tiny

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from chunkmask._checks import (
     check_finite_nonnegative,
+    check_generator,
     check_option,
     check_positive_int,
     check_tensor,
@@ -137,8 +138,8 @@ def pps_sample(
     Args:
         sizes: `(traj, chunk)` non-negative size proxies, e.g. `advantages.abs()[:, None] *
             chunk_score_norm(logp)`.
-        budget: chunks per trajectory `B` (int; with `scope="trajectory"` also a `(traj,)`
-            integer tensor).
+        budget: chunks per trajectory `B`: an int >= 1; with `scope="trajectory"` also a
+            `(traj,)` integer tensor >= 0 (a row with 0 draws nothing).
         valid: `(traj, chunk)` bool, False at padding (default: all).
         scope: `"batch"` or `"trajectory"`, see above.
         generator: optional CPU `torch.Generator`.
@@ -148,10 +149,12 @@ def pps_sample(
         inclusion probabilities (0 at chunks that can never be drawn).
 
     Raises:
-        TypeError: on a non-float `sizes`, a non-bool `valid`, a non-integer `budget`, or a
-            tensor `budget` with `scope="batch"`.
-        ValueError: on a `sizes` that is not 2-D or holds a negative or non-finite valid size, a
-            `budget` below 1, mismatched shapes, or an unknown `scope`.
+        TypeError: on a non-float `sizes`, a non-bool `valid`, a non-integer `budget`, a
+            tensor `budget` with `scope="batch"`, or a `generator` that is not a
+            torch.Generator.
+        ValueError: on a `sizes` that is not 2-D or holds a negative or non-finite valid size, an
+            int `budget` below 1 or a negative tensor entry, mismatched shapes, or an unknown
+            `scope`.
 
     Example:
         >>> import torch
@@ -164,6 +167,7 @@ def pps_sample(
     """
     check_tensor(sizes, "sizes", ndim=2, dtypes="float")
     check_option(scope, "scope", ("batch", "trajectory"))
+    check_generator(generator)
     valid = resolve_valid(valid, sizes, ref_name="sizes")
     n_traj, n_chunk = sizes.shape
     if scope == "batch":
@@ -173,7 +177,16 @@ def pps_sample(
         pi = pps_inclusion(sizes.reshape(1, -1), budget * n_traj, valid.reshape(1, -1))
         pi = pi.reshape(n_traj, n_chunk)
     else:
-        if not isinstance(budget, Tensor):
+        if isinstance(budget, Tensor):
+            check_tensor(budget, "budget", dtypes="int")
+            if budget.shape != (n_traj,):
+                raise ValueError(
+                    f"`budget` must be an int or a ({n_traj},) integer tensor (one per trajectory "
+                    f"of `sizes`), got shape {tuple(budget.shape)}."
+                )
+            if bool((budget < 0).any()):
+                raise ValueError(f"`budget` must be >= 0 per trajectory, got {budget.min().item()}.")
+        else:
             budget = check_positive_int(budget, "budget")
         pi = pps_inclusion(sizes, budget, valid)
     drawn = _systematic(pi.reshape(1, -1) if scope == "batch" else pi, generator)

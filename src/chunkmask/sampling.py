@@ -11,6 +11,7 @@ from torch import Tensor
 
 from chunkmask._checks import (
     check_finite_nonnegative,
+    check_generator,
     check_positive_int,
     check_same_device,
     check_shape,
@@ -55,13 +56,6 @@ def _uniform(
         return torch.rand(shape, dtype=dtype, device=like.device)
     u = torch.rand(shape, dtype=dtype, device=generator.device, generator=generator)
     return u.to(like.device)
-
-
-def _check_generator(generator: torch.Generator | None) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"`generator` must be a torch.Generator or None, got {type(generator).__name__}."
-        )
 
 
 def plackett_luce_sample(
@@ -150,7 +144,7 @@ def plackett_luce_sample(
     k = check_positive_int(k, "k")
     if valid is not None:
         valid = resolve_valid(valid, weights, ref_name="weights")
-    _check_generator(generator)
+    check_generator(generator)
     if budgets is not None:
         check_tensor(budgets, "budgets", ndim=1, dtypes="int")
         check_shape(budgets, "budgets", (weights.shape[0],))
@@ -241,7 +235,7 @@ def stratified_sample(
     check_tensor(phases, "phases", ndim=2, dtypes="int")
     check_tensor(allocation, "allocation", ndim=(1, 2), dtypes="int")
     check_same_device(allocation, "allocation", phases, "phases")
-    _check_generator(generator)
+    check_generator(generator)
     num_traj, n = phases.shape
     if allocation.ndim == 2 and allocation.shape[0] != num_traj:
         raise ValueError(
