@@ -1,8 +1,5 @@
 """Study driver for `examples/metaworld_chunked_ppo.py`: tasks x seeds x variants, then statistics.
 
-It supersedes `benchmarks/run_chunked_ppo.py` (one process per (task, seed), means only), which
-is kept for the runs behind the earlier `docs/chunked_ppo.md`.
-
 **Run.** Each (task, seed, variant) unit runs the example as its own process, `python
 examples/metaworld_chunked_ppo.py --task T --seed S --variants V --out OUT --results RESULTS ...`.
 The example is the single runner; this script only schedules it and aggregates the files it
@@ -390,7 +387,7 @@ def _fmt_ci(mean: Any, ci: Any, spec: str) -> str:
 def markdown(out: dict[str, Any]) -> str:
     """The Markdown tables: per-variant results and paired differences vs SFT."""
     lines = ["| task | method | seeds | success | steps to success | steps (fail = cap) | "
-             "env steps | CPU s |", "|---|---|---|---|---|---|---|---|"]
+             "env steps | CPU s | update s |", "|---|---|---|---|---|---|---|---|---|"]
     for task, summary in out["tasks"].items():
         for v, r in summary.items():
             lines.append(
@@ -398,7 +395,8 @@ def markdown(out: dict[str, Any]) -> str:
                 f"{_fmt_ci(r['success'], r['success_ci95'], '.2f')} | "
                 f"{_fmt_ci(r['steps_to_success'], r['steps_to_success_ci95'], '.1f')} | "
                 f"{_fmt_ci(r['steps_all'], r['steps_all_ci95'], '.1f')} | "
-                f"{_fmt(r['env_steps'], '.0f')} | {_fmt(r['cpu_s'], '.0f')} |")
+                f"{_fmt(r['env_steps'], '.0f')} | {_fmt(r['cpu_s'], '.0f')} | "
+                f"{_fmt(r['update_s'], '.1f')} |")
     lines += ["", "| task | method | Δ success vs sft | Δ steps to success | Δ steps, goals both "
               "solve | Δ steps (fail = cap) |", "|---|---|---|---|---|---|"]
     for task, summary in out["tasks"].items():
@@ -408,6 +406,24 @@ def markdown(out: dict[str, Any]) -> str:
                 cells = [_fmt_ci(p[f]["mean"], p[f]["ci95"], "+.2f" if f == "success" else "+.1f")
                          for f in ("success", "steps_to_success", "steps_common", "steps_all")]
                 lines.append(f"| {task} | {v} | " + " | ".join(cells) + " |")
+    lines += ["", "| task | method | Δ success vs ppo_sbc | TOST ±0.05 (p) | Δ steps, goals both "
+              "solve | update s vs ppo_sbc |", "|---|---|---|---|---|---|"]
+    for task, summary in out["tasks"].items():
+        ref = summary.get("ppo_sbc")
+        for v, r in summary.items():
+            p = r["paired"].get("vs_ppo_sbc")
+            if not p or v == "sft" or ref is None:
+                continue
+            tost = r.get("tost_vs_ppo_sbc")
+            verdict = "-" if not tost else (
+                f"{'**yes**' if tost['equivalent'] else 'no'} ({tost['p_value']:.2f})")
+            ratio = (r["update_s"] / ref["update_s"]
+                     if _finite(r["update_s"]) and _finite(ref["update_s"]) and ref["update_s"] > 0
+                     else None)
+            lines.append(
+                f"| {task} | {v} | {_fmt_ci(p['success']['mean'], p['success']['ci95'], '+.2f')} | "
+                f"{verdict} | {_fmt_ci(p['steps_common']['mean'], p['steps_common']['ci95'], '+.1f')} | "
+                f"{_fmt(ratio, '.2f')}x |")
     if out.get("overall"):
         lines += ["", "| method | success over the tasks (per-seed mean) | seeds |", "|---|---|---|"]
         for v, r in out["overall"].items():

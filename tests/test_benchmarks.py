@@ -344,63 +344,6 @@ def test_phase_weights_needs_a_checkpoint(bench, capsys):
     assert "give --sft PATH (or --quick)" in capsys.readouterr().err
 
 
-def test_run_chunked_ppo_runs_the_example_as_a_process(bench, tmp_path, monkeypatch):
-    # The driver imports nothing from examples/: it schedules the example's CLI, one process per
-    # (task, seed), and `--set key=value` becomes the example's `--key value` option.
-    driver = bench("run_chunked_ppo")
-    calls = []
-    monkeypatch.setattr(driver.subprocess, "run", lambda cmd, check: calls.append(cmd))
-    args = ["--tasks", "a-v3", "b-v3", "--seeds", "0", "1", "--shard", "1/2", "--quick"]
-    driver.main([*args, "--out", str(tmp_path), "--set", "pcm_budget=4", "bc_weight=success"])
-    assert len(calls) == 2
-    for cmd, task in zip(calls, ("a-v3", "b-v3"), strict=True):
-        assert Path(cmd[1]) == BENCHMARKS.parent / "examples" / "metaworld_chunked_ppo.py"
-        assert cmd[2:] == [
-            "--task",
-            task,
-            "--seed",
-            "1",
-            "--out",
-            str(tmp_path),
-            "--quick",
-            "--pcm-budget",
-            "4",
-            "--bc-weight",
-            "success",
-        ]
-    with pytest.raises(SystemExit, match="--set takes key=value"):
-        driver.main(["--tasks", "a-v3", "--seeds", "0", "--set", "pcm_budget"])
-
-
-def _fake_chunked_ppo_run(seed_dir, variants):
-    seed_dir.mkdir(parents=True)
-    ev = {"success": 0.5, "steps_to_success": 40.0, "steps_all": 95.0}
-    torch.save({"eval": ev, "info": {"sft_s": 3.0}}, seed_dir / "sft.pt")
-    for v in variants:
-        success = {"ppo": 0.6, "ppo_sbc": 0.8}[v]
-        final = {"success": success, "steps_to_success": 30.0, "steps_all": 80.0}
-        curve = [{"iteration": 0, **ev}, {"iteration": 2, **final}]
-        run = {"final": final, "curve": curve, "wall_clock_s": 10.0, "update_s": 2.0}
-        (seed_dir / f"{v}.json").write_text(json.dumps({**run, "rollout_s": 5.0}))
-
-
-def test_run_chunked_ppo_aggregates_the_example_outputs(bench, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    driver = bench("run_chunked_ppo")
-    out, docs = tmp_path / "runs", tmp_path / "docs"
-    _fake_chunked_ppo_run(out / "drawer-close-v3" / "seed0", ["ppo", "ppo_sbc"])
-    _fake_chunked_ppo_run(out / "drawer-close-v3" / "seed1", ["ppo_sbc", "ppo"])
-    args = ["--aggregate", "--out", str(out), "--docs", str(docs)]
-    driver.main([*args, "--ablation-out", str(tmp_path / "none")])
-    table = capsys.readouterr().out
-    assert "| drawer-close-v3 | ppo_sbc | 2 | 0.80 |" in table
-    result = json.loads((docs / "chunked_ppo.json").read_text())
-    task = result["tasks"]["drawer-close-v3"]
-    assert list(task) == ["sft", "ppo", "ppo_sbc"]
-    assert task["sft"]["per_seed"]["seeds"] == [0, 1] and task["ppo"]["success"] == 0.6
-    assert (docs / "img" / "chunked_ppo_drawer-close-v3.png").stat().st_size > 0
-
-
 def test_selector_diagnostics_quick_writes_the_report_and_resumes(bench, tmp_path):
     pytest.importorskip("gymnasium")
     diag = bench("selector_diagnostics")

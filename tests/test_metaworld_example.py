@@ -20,6 +20,7 @@ def _load(path: Path):
 
 
 ex = _load(ROOT / "examples" / "metaworld_chunked_ppo.py")
+study = _load(ROOT / "benchmarks" / "chunked_ppo_study.py")
 
 
 def test_quick_run_all_variants(tmp_path, monkeypatch):
@@ -53,11 +54,10 @@ def test_quick_run_all_variants(tmp_path, monkeypatch):
     for key in ("success", "per_episode_success", "per_episode_steps"):
         assert again["ppo"]["final"][key] == results["ppo"]["final"][key]
     assert again["sft"]["per_episode_steps"] == results["sft"]["per_episode_steps"]
-    # The results driver aggregates exactly what the example wrote.
-    driver = _load(ROOT / "benchmarks" / "run_chunked_ppo.py")
+    # The study driver aggregates exactly what the example wrote.
     docs = tmp_path / "docs"
-    args = ["--aggregate", "--out", str(tmp_path), "--docs", str(docs)]
-    driver.main([*args, "--ablation-out", str(tmp_path / "no_ablation")])
+    study.main(["--aggregate", "--results", str(tmp_path), "--docs", str(docs),
+                "--tasks", "pick-place-v3"])
     summary = json.loads((docs / "chunked_ppo.json").read_text())["tasks"]["pick-place-v3"]
     assert list(summary) == ["sft", *ex.VARIANTS]
     assert summary["ppo"]["success"] == results["ppo"]["final"]["success"]
@@ -118,9 +118,6 @@ def test_resuming_with_another_config_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # The study driver: run, resume, aggregate
-
-
-study = _load(ROOT / "benchmarks" / "chunked_ppo_study.py")
 
 
 def test_study_runs_resumes_and_aggregates(tmp_path, monkeypatch):
