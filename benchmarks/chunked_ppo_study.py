@@ -362,6 +362,7 @@ def plot_task(task: str, summary: dict[str, Any], path: Path) -> None:
     if "sft" in summary:
         for ax, key in zip(axes, ("success", "steps_all"), strict=True):
             ax.axhline(summary["sft"][key], color="k", ls="--", lw=1, label="sft (final goals)")
+    axes[0].set_ylim(-0.02, 1.02)
     axes[0].set_title(f"{task}: eval success (mean action), 95% CI")
     axes[1].set_title(f"{task}: eval steps (failures = cap), 95% CI")
     for ax in axes:
