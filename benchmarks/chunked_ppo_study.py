@@ -339,6 +339,20 @@ def overall(records: dict[str, dict[str, dict[int, dict]]], tasks: Sequence[str]
         mean, ci, n = mean_ci(per_seed)
         out[v] = {"success": mean, "success_ci95": ci, "n": n, "seeds": seeds,
                   "per_seed": per_seed}
+    # paired over seeds against ppo_sbc: the per-seed task averages on the common seeds
+    ref = out.get("ppo_sbc")
+    for v, entry in out.items():
+        if ref is None or v == "ppo_sbc":
+            continue
+        common = sorted(set(entry["seeds"]) & set(ref["seeds"]))
+        a = [entry["per_seed"][entry["seeds"].index(s)] for s in common]
+        b = [ref["per_seed"][ref["seeds"].index(s)] for s in common]
+        diff = {"mean": math.fsum(x - y for x, y in zip(a, b, strict=True)) / len(common)
+                if common else None, "ci95": None, "n": len(common)}
+        if len(common) >= 2:
+            d = paired_difference(a, b)
+            diff["ci95"] = [d.low, d.high]
+        entry["vs_ppo_sbc"] = diff
     return out
 
 
@@ -426,9 +440,13 @@ def markdown(out: dict[str, Any]) -> str:
                 f"{verdict} | {_fmt_ci(p['steps_common']['mean'], p['steps_common']['ci95'], '+.1f')} | "
                 f"{_fmt(ratio, '.2f')}x |")
     if out.get("overall"):
-        lines += ["", "| method | success over the tasks (per-seed mean) | seeds |", "|---|---|---|"]
+        lines += ["", "| method | success over the tasks (per-seed mean) | seeds | Δ vs ppo_sbc, "
+                  "paired |", "|---|---|---|---|"]
         for v, r in out["overall"].items():
-            lines.append(f"| {v} | {_fmt_ci(r['success'], r['success_ci95'], '.3f')} | {r['n']} |")
+            d = r.get("vs_ppo_sbc")
+            paired_cell = _fmt_ci(d["mean"], d["ci95"], "+.3f") + f" ({d['n']} seeds)" if d else "-"
+            lines.append(f"| {v} | {_fmt_ci(r['success'], r['success_ci95'], '.3f')} | {r['n']} | "
+                         f"{paired_cell} |")
     return "\n".join(lines)
 
 

@@ -195,6 +195,12 @@ def test_aggregation_matches_a_hand_computation(tmp_path):
     # steps with failures at the cap: 82.5, 80, 102.5
     assert r["per_seed"]["steps_all"] == pytest.approx([82.5, 80.0, 102.5])
     assert r["wall_clock_s"] == pytest.approx(20.0) and r["env_steps"] == pytest.approx(200.0)
+    # over the tasks, paired against ppo_sbc per seed: sft - ppo_sbc = -0.25, -0.5, -0.25
+    d = out["overall"]["sft"]["vs_ppo_sbc"]
+    sd = ((1 / 12) ** 2 * 2 + (1 / 6) ** 2) ** 0.5 / 2**0.5
+    assert d["n"] == 3 and d["mean"] == pytest.approx(-1 / 3)
+    assert d["ci95"] == pytest.approx([-1 / 3 - t2 * sd / 3**0.5, -1 / 3 + t2 * sd / 3**0.5])
+    assert "vs_ppo_sbc" not in out["overall"]["ppo_sbc"]
     # pooled Wilson interval over the 12 episodes (9 successes)
     assert r["success_pooled_wilson95"] == pytest.approx([0.4677, 0.9111], abs=1e-4)
     # paired vs SFT: success 0.25, 0.5, 0.25 -> mean 1/3, sd 0.144338
