@@ -427,6 +427,10 @@ def report(results: Path, out: Path, diagnostics: Path | None = None):
                               if a == "grpo" or a in rq1],
                       out.parent / "img" / f"{out.stem}_curves.png")
 
+    # the RQ1 arms whose interval is wider than the margin
+    wide = [f"`{arm}` ({(r['diff_ci95_pp'][1] - r['diff_ci95_pp'][0]) / 2:.1f})"
+            for arm, r in rq1.items() if (r["diff_ci95_pp"][1] - r["diff_ci95_pp"][0]) / 2 > MARGIN_PP]
+
     def rq1_line(arm, r):
         return (
             f"| {arm} | {r['budget']} | {r['seeds']} | {r['final_success']:.1f}% | "
@@ -457,6 +461,7 @@ def report(results: Path, out: Path, diagnostics: Path | None = None):
         "",
         head,
         *[rq1_line(arm, r) for arm, r in rq1.items()],
+        *([] if not wide else ["", "CI half-width above the ±5-point margin: " + ", ".join(wide) + "."]),
         "",
         "## RQ2: wall-clock to 98% of GRPO's final success",
         "",
@@ -474,12 +479,6 @@ def report(results: Path, out: Path, diagnostics: Path | None = None):
         "",
         *rq2_table(rq2_half),
     ]
-    wide = [f"`{arm}` ({(r['diff_ci95_pp'][1] - r['diff_ci95_pp'][0]) / 2:.1f})"
-            for arm, r in rq1.items() if (r["diff_ci95_pp"][1] - r["diff_ci95_pp"][0]) / 2 > MARGIN_PP]
-    if wide:
-        # after the RQ1 table: the arms whose interval is wider than the margin
-        at = lines.index("## RQ2: wall-clock to 98% of GRPO's final success") - 1
-        lines[at:at] = ["", "CI half-width above the ±5-point margin: " + ", ".join(wide) + "."]
     sweep_seeds = sorted({summaries[a]["seeds"] for arms in SWEEP.values() for a in arms
                           if a in summaries and a not in rq1})
     lines += ["", "## RQ3: the budget B", ""]

@@ -23,6 +23,7 @@ from chunkmask._checks import (
     check_generator,
     check_option,
     check_positive_int,
+    check_shape,
     check_tensor,
     resolve_mask,
     resolve_valid,
@@ -178,12 +179,8 @@ def pps_sample(
         pi = pi.reshape(n_traj, n_chunk)
     else:
         if isinstance(budget, Tensor):
-            check_tensor(budget, "budget", dtypes="int")
-            if budget.shape != (n_traj,):
-                raise ValueError(
-                    f"`budget` must be an int or a ({n_traj},) integer tensor (one per trajectory "
-                    f"of `sizes`), got shape {tuple(budget.shape)}."
-                )
+            check_tensor(budget, "budget", ndim=1, dtypes="int")
+            check_shape(budget, "budget", (n_traj,))
             if bool((budget < 0).any()):
                 raise ValueError(f"`budget` must be >= 0 per trajectory, got {budget.min().item()}.")
         else:
