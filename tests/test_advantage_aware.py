@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunkmask import (
+    ChunkBudget,
     ProbabilisticChunkMasker,
     advantage_aware_budgets,
     inclusion_probabilities,
@@ -101,7 +102,7 @@ def test_sampler_with_budgets_draws_plackett_luce_samples_of_each_size():
     draws = 40_000
     counts = torch.zeros_like(w)
     for _ in range(draws):
-        sel = plackett_luce_sample(w, 4, budgets=budgets, generator=g, validate_args=False)
+        sel = plackett_luce_sample(w, budgets, slots=4, generator=g, validate_args=False)
         assert (sel.counts == budgets).all()
         counts += sel.chunk_mask().double()
     pi = inclusion_probabilities(w, budgets)
@@ -118,15 +119,17 @@ def test_masker_spends_nothing_on_zero_advantage_trajectories():
     success = torch.tensor([True, True, False, False, True, False, True, True])
     group = torch.arange(8) // 2  # groups 0 and 3: all success; 1: all failure; 2: mixed
     adv = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.7, -0.7, 0.0, 0.0])
-    masker = ProbabilisticChunkMasker(budget=4, seed=0, advantage_aware=True, inclusion=True)
-    sel, info = masker.select(actions=actions, success=success, group=group, advantages=adv)
-    assert sel.counts.tolist() == [0, 0, 0, 0, 16, 16, 0, 0]
+    masker = ProbabilisticChunkMasker(
+        budget=ChunkBudget(4, advantage_aware=True), seed=0, inclusion=True
+    )
+    sel = masker.select(actions=actions, success=success, group=group, advantages=adv)
+    # B = 4 for each of the 2 trajectories that reach the update, not 4 x 8 rolled out.
+    assert sel.counts.tolist() == [0, 0, 0, 0, 4, 4, 0, 0]
     assert sel.k == 20
-    assert info.inclusion[adv == 0].abs().sum() == 0
-    assert info.inclusion[4].sum().item() == pytest.approx(16.0, abs=1e-8)
-    capped = ProbabilisticChunkMasker(budget=4, seed=0, advantage_aware=True, max_budget=10)
-    sel, _ = capped.select(actions=actions, success=success, group=group, advantages=adv)
-    assert sel.k == 10 and sel.counts.tolist() == [0, 0, 0, 0, 10, 10, 0, 0]
+    assert sel.inclusion[~sel.mask].eq(1).all() and (sel.packed_inclusion() > 0).all()
+    capped = ProbabilisticChunkMasker(budget=ChunkBudget(4, advantage_aware=True, max_budget=10), seed=0)
+    sel = capped.select(actions=actions, success=success, group=group, advantages=adv)
+    assert sel.k == 10 and sel.counts.tolist() == [0, 0, 0, 0, 4, 4, 0, 0]
 
 
 @pytest.mark.parametrize(
@@ -136,28 +139,32 @@ def test_masker_spends_nothing_on_zero_advantage_trajectories():
          r"`num_chunks` must have an int"),
         (lambda: advantage_aware_budgets(torch.ones(3), torch.ones(2, dtype=torch.long), 2),
          ValueError, r"`num_chunks` must have the same shape as `advantages`"),
-        (lambda: advantage_aware_budgets(torch.ones(2), torch.tensor([3, -1]), 2), ValueError,
+        (lambda: advantage_aware_budgets(torch.ones(2), torch.tensor([3, -1]), 2,
+                                         validate_args=True), ValueError,
          r"`num_chunks` must be >= 0"),
         (lambda: advantage_aware_budgets(torch.ones(2), torch.ones(2, dtype=torch.long), 0),
          ValueError, r"`budget` must be > 0"),
         (lambda: advantage_aware_budgets(torch.ones(2), torch.ones(2, dtype=torch.long), 1,
                                          total_budget=-1), ValueError, r"`total_budget` must be >= 0"),
-        (lambda: plackett_luce_sample(torch.ones(2, 3), 2, budgets=torch.tensor([1, 3])),
-         ValueError, r"`budgets` must lie in \[0, `k`=2\]"),
-        (lambda: plackett_luce_sample(torch.ones(2, 3), 2, budgets=torch.tensor([1.0, 1.0])),
-         TypeError, r"`budgets` must have an int"),
-        (lambda: plackett_luce_sample(torch.ones(2, 3), 2, budgets=torch.tensor([1])),
-         ValueError, r"`budgets` must have shape \(2,\)"),
+        (lambda: plackett_luce_sample(torch.ones(2, 3), torch.tensor([1, 3]), slots=2,
+                                      validate_args=True),
+         ValueError, r"`budget` must lie in \[0, `slots`=2\]"),
+        (lambda: plackett_luce_sample(torch.ones(2, 3), torch.tensor([1.0, 1.0]), slots=2),
+         TypeError, r"`budget` must have an int"),
+        (lambda: plackett_luce_sample(torch.ones(2, 3), torch.tensor([1]), slots=2),
+         ValueError, r"`budget` must have shape \(2,\)"),
+        (lambda: plackett_luce_sample(torch.ones(2, 3), 3, slots=2),
+         ValueError, r"`slots` must be at least `budget` \(3\), got 2"),
         (lambda: inclusion_probabilities(torch.ones(2, 3), torch.tensor([1, -1])), ValueError,
-         r"`k` must be >= 0 per trajectory"),
-        (lambda: ProbabilisticChunkMasker(budget=4, advantage_aware=1), TypeError,
+         r"`budget` must be >= 0 per trajectory"),
+        (lambda: ProbabilisticChunkMasker(budget=ChunkBudget(4, advantage_aware=1)), TypeError,
          r"`advantage_aware` must be a bool"),
-        (lambda: ProbabilisticChunkMasker(budget=4, max_budget=2), ValueError,
+        (lambda: ProbabilisticChunkMasker(budget=ChunkBudget(4, max_budget=2)), ValueError,
          r"`max_budget` must be >= `budget` \(4\)"),
-        (lambda: ProbabilisticChunkMasker(budget=2, advantage_aware=True).select(
+        (lambda: ProbabilisticChunkMasker(budget=ChunkBudget(2, advantage_aware=True)).select(
             actions=torch.randn(2, 3, 1, 2), success=torch.tensor([True, False]),
             group=torch.tensor([0, 0])), ValueError, r"`advantages` is required"),
-        (lambda: ProbabilisticChunkMasker(budget=2, advantage_aware=True).select(
+        (lambda: ProbabilisticChunkMasker(budget=ChunkBudget(2, advantage_aware=True)).select(
             actions=torch.randn(2, 3, 1, 2), success=torch.tensor([True, False]),
             group=torch.tensor([0, 0]), advantages=torch.ones(3)), ValueError,
          r"`advantages` must have shape \(2,\)"),
@@ -171,5 +178,5 @@ def test_errors(call, error, match):
 def test_budget_zero_rows_and_empty_batches():
     assert advantage_aware_budgets(torch.zeros(0), torch.zeros(0, dtype=torch.long), 3).tolist() == []
     assert advantage_aware_budgets(torch.zeros(3), torch.full((3,), 5), 3).tolist() == [0, 0, 0]
-    sel = plackett_luce_sample(torch.ones(2, 4), 3, budgets=torch.tensor([0, 0]))
+    sel = plackett_luce_sample(torch.ones(2, 4), torch.tensor([0, 0]), slots=3)
     assert sel.counts.tolist() == [0, 0] and not math.isnan(float(sel.indices.sum()))

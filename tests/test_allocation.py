@@ -92,9 +92,9 @@ def test_keep_probabilities_batched_and_dtypes():
 def test_keep_probabilities_errors():
     s = torch.tensor([0.5, 1.0])
     with pytest.raises(ValueError, match=r"`scores` must be finite and non-negative.*1 bad"):
-        keep_probabilities(torch.tensor([0.5, -1.0]))
+        keep_probabilities(torch.tensor([0.5, -1.0]), validate_args=True)
     with pytest.raises(ValueError, match=r"`scores` must be finite and non-negative.*1 bad"):
-        keep_probabilities(torch.tensor([math.nan, 1.0]))
+        keep_probabilities(torch.tensor([math.nan, 1.0]), validate_args=True)
     with pytest.raises(ValueError, match=r"`p_min` must lie in \(0.0, 1.0\], got 0.0"):
         keep_probabilities(s, p_min=0.0)
     with pytest.raises(ValueError, match=r"`p_min` must lie in \(0.0, 1.0\], got 1.5"):

@@ -24,6 +24,7 @@ from chunkmask._checks import (
     check_tensor,
     count_tensor,
     resolve_mask,
+    values_checkable,
 )
 
 __all__ = [
@@ -47,7 +48,7 @@ def keep_probabilities(
     *,
     p_min: float = 0.1,
     power: float = 1.0,
-    validate_args: bool = True,
+    validate_args: bool = False,
 ) -> Float[Tensor, "*b phase"]:
     r"""Map per-phase scores to keep probabilities by share and max normalisation with a floor.
 
@@ -352,13 +353,15 @@ def neyman_allocation_continuous(
             raise ValueError(f"`budget` must be finite, got {budget}.")
         b = torch.full(batch_shape, float(budget), dtype=torch.float64, device=n.device)
     b = torch.minimum(b, n.sum(-1))
-    area = n * sd
     full = n <= 0  # empty phases are trivially "full"
     alloc = torch.zeros_like(n)
     for _ in range(n.shape[-1] + 1):
         left = b - torch.where(full, n, 0.0).sum(-1)
-        free_area = torch.where(full, 0.0, area)
-        free_size = torch.where(full, 0.0, n)
+        # Only the ratios of the free areas N_c sigma_c matter: scale N and sigma by their maxima
+        # over the free phases before multiplying, so that legal input (N, sigma near 1e200)
+        # cannot overflow float64 and a small free area is not lost next to a full phase's.
+        free_size = _unit_scale(torch.where(full, 0.0, n))
+        free_area = free_size * _unit_scale(torch.where(full, 0.0, sd))
         use_area = free_area.sum(-1, keepdim=True) > 0
         weight = torch.where(use_area, free_area, free_size)
         denom = weight.sum(-1, keepdim=True)
@@ -369,6 +372,14 @@ def neyman_allocation_continuous(
             break
         full = full | newly
     return alloc
+
+
+def _unit_scale(x: Tensor) -> Tensor:
+    """``x`` (>= 0) divided by its maximum over the last axis, so every entry lies in [0, 1]."""
+    if x.shape[-1] == 0:
+        return x
+    top = x.amax(-1, keepdim=True)
+    return x / torch.where(top > 0, top, 1.0)
 
 
 class BudgetSuggestion(NamedTuple):
@@ -470,6 +481,7 @@ def advantage_aware_budgets(
     *,
     max_budget: int | None = None,
     total_budget: int | Integer[Tensor, ""] | None = None,
+    validate_args: bool = False,
 ) -> Int64[Tensor, " traj"]:
     r"""Per-trajectory chunk budgets that spend nothing where the advantage is zero.
 
@@ -497,15 +509,20 @@ def advantage_aware_budgets(
         budget: the per-trajectory budget $B \ge 1$ that sets the default total.
         max_budget: the largest budget of one trajectory (the Selection's slot count); None for
             no cap beyond $T_i$.
-        total_budget: $R \ge 0$, overriding the default total.
+        total_budget: $R \ge 0$, overriding the default total: an int (checked always) or a
+            0-d integer tensor (not read on the host unless `validate_args`).
+        validate_args: check the tensor contents: `num_chunks` and a tensor `total_budget` must
+            be >= 0 (one host sync). Without it they are not read: a negative $T_i$ counts as 0
+            and a negative tensor total as 0.
 
     Returns:
         `(traj,)` int64 budgets, 0 where $A_i = 0$, summing to $\min(R, \sum_{A_i \ne 0} c_i)$.
 
     Raises:
         TypeError: on a non-real `advantages`, a non-integer `num_chunks`, or a non-int budget.
-        ValueError: on shapes or devices that differ, non-positive budgets, a negative
-            `total_budget`, or (on the CPU) negative `num_chunks`.
+        ValueError: on shapes or devices that differ, non-positive budgets, a negative int
+            `total_budget`, or (with `validate_args`) negative `num_chunks` or a negative tensor
+            `total_budget`.
 
     Example:
         >>> import torch
@@ -521,12 +538,15 @@ def advantage_aware_budgets(
     if max_budget is not None:
         max_budget = check_positive_int(max_budget, "max_budget")
     lengths = num_chunks.to(torch.int64)
-    if lengths.device.type == "cpu" and lengths.numel() and int(lengths.min()) < 0:
+    if values_checkable(lengths, validate_args) and lengths.numel() and int(lengths.min()) < 0:
         raise ValueError(f"`num_chunks` must be >= 0, got {int(lengths.min())}.")
     if total_budget is None:
-        total = lengths.clamp(max=budget).sum()
+        total = lengths.clamp(min=0, max=budget).sum()
     else:
         total = count_tensor(total_budget, "total_budget", lengths.device)
+        if values_checkable(total, validate_args) and int(total) < 0:
+            raise ValueError(f"`total_budget` must be >= 0, got {int(total)}.")
+        total = total.clamp_min(0)
     informative = advantages != 0
     caps = torch.where(informative, lengths.clamp_min(0), 0)
     if max_budget is not None:

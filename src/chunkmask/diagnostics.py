@@ -106,10 +106,11 @@ class GradientSketch:
             `(dim,)` float64 sketch on the device of the first gradient (CPU if none).
 
         Raises:
-            TypeError: if an entry is neither None nor a floating tensor.
+            TypeError: if `grads` is not an iterable of gradients, or an entry is neither None
+                nor a floating tensor.
             ValueError: if a gradient holds NaN/Inf.
         """
-        grads = list(grads)
+        grads = _gradient_list(grads, "grads")
         device = next((g.device for g in grads if isinstance(g, Tensor)), torch.device("cpu"))
         out = torch.zeros(self.dim, dtype=torch.float64, device=device)
         offset = 0
@@ -133,38 +134,59 @@ class GradientSketch:
         return f"GradientSketch(dim={self.dim}, seed={self.seed})"
 
 
+def _gradient_list(x: object, name: str) -> list[object]:
+    """A list of gradients from `x` (one tensor or an iterable); TypeError naming `name` else."""
+    if isinstance(x, Tensor):
+        return [x]
+    if x is None or isinstance(x, (str, bytes)) or not isinstance(x, Iterable):
+        raise TypeError(
+            f"`{name}` must be a tensor or a sequence of per-parameter gradients (tensors or "
+            f"None), got {type(x).__name__}."
+        )
+    return list(x)
+
+
 def gradient_cosine(
-    a: Sequence[Tensor | None] | Tensor, b: Sequence[Tensor | None] | Tensor
+    a: Sequence[Tensor | None] | Tensor,
+    b: Sequence[Tensor | None] | Tensor,
+    *,
+    validate_args: bool = False,
 ) -> Float[Tensor, ""]:
     r"""Cosine between two gradients of the same parameters (the online probe).
 
     $\cos = \langle a, b\rangle / (\lVert a\rVert \lVert b\rVert)$ over the concatenated
     tensors, in float64; 0 when either is zero. Use it every $K$ steps with the masked gradient
-    and one full backward on the same batch.
+    and one full backward on the same batch. Each side is divided by its largest absolute entry
+    before the products (the cosine does not change), so gradients of any finite magnitude,
+    1e-200 or 1e200, give the same finite result.
 
     Args:
         a: a list of per-parameter gradients (None counts as zeros), or one tensor.
         b: the same structure as `a`.
+        validate_args: check that every entry is finite (one host sync). Without it a NaN or
+            Inf entry makes the result NaN.
 
     Returns:
         0-d float64 tensor in `[-1, 1]`.
 
     Raises:
-        TypeError: on entries that are not floating tensors or None.
-        ValueError: if the structures or shapes differ.
+        TypeError: if `a` or `b` is not a tensor or a sequence, or on entries that are not
+            floating tensors or None.
+        ValueError: if the structures or shapes differ, or (with `validate_args`) an entry
+            holds NaN/Inf.
 
     Example:
         >>> import torch
         >>> gradient_cosine([torch.tensor([1.0, 0.0]), None], [torch.tensor([1.0, 1.0]), None])
         tensor(0.7071, dtype=torch.float64)
     """
-    a_list = [a] if isinstance(a, Tensor) else list(a)
-    b_list = [b] if isinstance(b, Tensor) else list(b)
+    a_list = _gradient_list(a, "a")
+    b_list = _gradient_list(b, "b")
     if len(a_list) != len(b_list):
         raise ValueError(
             f"`b` must hold as many gradients as `a` ({len(a_list)}), got {len(b_list)}."
         )
-    dot = aa = bb = None
+    pairs = []
     for i, (x, y) in enumerate(zip(a_list, b_list, strict=True)):
         if x is None and y is None:
             continue
@@ -176,13 +198,33 @@ def gradient_cosine(
         check_tensor(x, f"a[{i}]", dtypes="float")
         check_tensor(y, f"b[{i}]", dtypes="float")
         check_same_shape(y, f"b[{i}]", x, f"a[{i}]")
-        x64, y64 = x.detach().double().reshape(-1), y.detach().double().to(x.device).reshape(-1)
+        x, y = x.detach(), y.detach().to(x.device)
+        if validate_args:
+            check_finite(x, f"a[{i}]")
+            check_finite(y, f"b[{i}]")
+        pairs.append((x, y))
+    if not pairs:
+        return torch.zeros((), dtype=torch.float64)
+    # Largest |entry| of each side (NaN propagates; an empty tensor contributes 0).
+    scale_a = torch.stack([_abs_max(x) for x, _ in pairs]).amax()
+    scale_b = torch.stack([_abs_max(y) for _, y in pairs]).amax()
+    scale_a = torch.where(scale_a > 0, scale_a, 1.0)
+    scale_b = torch.where(scale_b > 0, scale_b, 1.0)
+    dot = aa = bb = None
+    for x, y in pairs:
+        x64 = x.double().reshape(-1) / scale_a
+        y64 = y.double().reshape(-1) / scale_b
         parts = (x64 @ y64, x64 @ x64, y64 @ y64)
         dot, aa, bb = parts if dot is None else (dot + parts[0], aa + parts[1], bb + parts[2])
-    if dot is None:
-        return torch.zeros((), dtype=torch.float64)
     den = torch.sqrt(aa * bb)
-    return torch.where(den > 0, dot / torch.where(den > 0, den, 1.0), 0.0).clamp(-1.0, 1.0)
+    return torch.where(den == 0, 0.0, dot / torch.where(den == 0, 1.0, den)).clamp(-1.0, 1.0)
+
+
+def _abs_max(x: Tensor) -> Tensor:
+    """Largest absolute entry of `x` as a 0-d float64 tensor (0 for an empty tensor)."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=x.device)
+    return x.abs().amax().double()
 
 
 class SelectorStatistics(NamedTuple):
@@ -246,6 +288,11 @@ def _jackknife_se(leave_one_out: Tensor) -> Tensor:
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), torch.nan)
+
+
+def _share(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den``, defined as 0 where ``den`` is exactly 0 (nothing to split)."""
+    return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
 
 
 def selector_statistics(
@@ -320,6 +367,9 @@ def selector_statistics(
 class PhaseShares(NamedTuple):
     r"""Result of `phase_shares`: `(phase,)` float64 tensors, each summing to 1 over phases.
 
+    A share whose denominator is exactly 0 is 0 (see `phase_shares`): with all-zero `parts`
+    every field is 0 and the shares sum to 0, not 1.
+
     Attributes:
         signal: $\langle \mathbb{E}\hat g_{S,p}, \mathbb{E} g\rangle /
             \langle \mathbb{E}\hat g_S, \mathbb{E} g\rangle$, phase $p$'s share of the selector's
@@ -351,7 +401,10 @@ def phase_shares(
         parts: `(n, phase, dim)` per-phase parts of the selector's gradients.
 
     Returns:
-        A `PhaseShares` of `(phase,)` tensors.
+        A `PhaseShares` of `(phase,)` tensors. A share whose denominator is exactly 0 is defined
+        as 0, and so is its contribution to the jackknife: in particular a selector whose parts
+        are all zero (it selected nothing, or its gradient vanished) has no signal or second
+        moment to split, and every field is 0 (the shares then sum to 0, not 1).
 
     Raises:
         TypeError: if an input is not a floating tensor.
@@ -386,10 +439,10 @@ def phase_shares(
     m_loo = (s_sq.sum() - s_sq) / (n - 1)
     cross_mean = cross.mean(0)
     cross_loo = (cross.sum(0) - cross) / (n - 1)  # (n, phase)
-    signal = _ratio(part_f, sf)
-    signal_loo = _ratio(part_f_loo, sf_loo[None])
-    moment = _ratio(cross_mean, m)
-    moment_loo = _ratio(cross_loo, m_loo[:, None])
+    signal = _share(part_f, sf)
+    signal_loo = _share(part_f_loo, sf_loo[None])
+    moment = _share(cross_mean, m)
+    moment_loo = _share(cross_loo, m_loo[:, None])
     return PhaseShares(
         signal,
         torch.stack([_jackknife_se(signal_loo[k]) for k in range(phases)]),

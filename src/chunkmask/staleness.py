@@ -33,21 +33,27 @@ __all__ = ["StalenessGate", "staleness", "staleness_filter"]
 
 
 def staleness(
-    versions: Int[Tensor, " *batch"], current_version: int | Int[Tensor, ""]
+    versions: Int[Tensor, " *batch"],
+    current_version: int | Int[Tensor, ""],
+    *,
+    validate_args: bool = False,
 ) -> Int[Tensor, " *batch"]:
     r"""The staleness $v - v_b$ of samples generated at `versions`, the learner being at `current_version`.
 
     Args:
         versions: integer policy versions, any shape (per trajectory or per chunk).
         current_version: the learner's version, an int or a 0-d integer tensor.
+        validate_args: check that every version is >= 0 and not newer than `current_version`
+            (reads the values on the host: one sync on an accelerator). Without it a newer
+            version gives a negative staleness.
 
     Returns:
         int64 staleness, the shape of `versions`.
 
     Raises:
         TypeError: on non-integer versions.
-        ValueError: if a version is negative or newer than `current_version` (checked on the CPU
-            in eager mode).
+        ValueError: with `validate_args`, if a version is negative or newer than
+            `current_version`.
 
     Example:
         >>> import torch
@@ -57,15 +63,24 @@ def staleness(
     check_tensor(versions, "versions", dtypes="int")
     current = count_tensor(current_version, "current_version", versions.device)
     out = current - versions.to(torch.int64)
-    if values_checkable(versions, False) and versions.numel():
-        if bool((versions < 0).any()):
-            raise ValueError(f"`versions` must be >= 0, got {int(versions.min())}.")
-        if bool((out < 0).any()):
-            raise ValueError(
-                f"`versions` must not be newer than `current_version` ({int(current)}), got "
-                f"{int(versions.max())}."
-            )
+    if values_checkable(versions, validate_args):
+        _check_versions(versions, current, None)
     return out
+
+
+def _check_versions(versions: Tensor, current: Tensor, valid: Tensor | None) -> None:
+    """Value check: versions (at `valid`) are >= 0 and at most `current`. Synchronises."""
+    if valid is not None:
+        versions = versions[valid]
+    if versions.numel() == 0:
+        return
+    low, high = int(versions.min()), int(versions.max())
+    if low < 0:
+        raise ValueError(f"`versions` must be >= 0, got {low}.")
+    if high > int(current):
+        raise ValueError(
+            f"`versions` must not be newer than `current_version` ({int(current)}), got {high}."
+        )
 
 
 def staleness_filter(
@@ -73,6 +88,8 @@ def staleness_filter(
     current_version: int | Int[Tensor, ""],
     max_staleness: int,
     valid: Bool[Tensor, "traj chunk"] | None = None,
+    *,
+    validate_args: bool = False,
 ) -> Bool[Tensor, " traj"]:
     r"""Keep the trajectories whose oldest chunk is at most `max_staleness` versions behind.
 
@@ -81,7 +98,11 @@ def staleness_filter(
     $$
 
     A trajectory generated across a weight update (its chunks carry several versions) is judged
-    by its oldest chunk, as in RLinf. A trajectory with no valid chunk is dropped.
+    by its oldest chunk, as in RLinf. A trajectory with no valid chunk (all padding, or a
+    `(traj, 0)` tensor) is dropped. Both forms treat versions alike: with `validate_args` every
+    version (every valid one, in the 2-D form) must be >= 0 and not newer than
+    `current_version`; without it nothing reads the values, and a trajectory whose oldest chunk
+    is newer than `current_version` has a negative staleness and is kept.
 
     Args:
         versions: `(traj,)` or `(traj, chunk)` integer versions.
@@ -89,14 +110,15 @@ def staleness_filter(
         max_staleness: $\eta \ge 0$.
         valid: `(traj, chunk)` bool for per-chunk versions; padding is ignored. Defaults to all
             True.
+        validate_args: check the versions' values (one host sync on an accelerator).
 
     Returns:
         `(traj,)` bool keep mask.
 
     Raises:
         TypeError: on non-integer versions or a non-bool `valid`.
-        ValueError: on a bad rank or shape, a negative `max_staleness`, or versions newer than
-            `current_version`.
+        ValueError: on a bad rank or shape, a negative `max_staleness`, or (with
+            `validate_args`) a negative version or one newer than `current_version`.
 
     Example:
         >>> import torch
@@ -113,10 +135,15 @@ def staleness_filter(
         versions, valid = versions[:, None], valid[:, None]
     else:
         valid = resolve_mask(valid, "valid", versions, "versions")
+    current = count_tensor(current_version, "current_version", versions.device)
+    if values_checkable(versions, validate_args):
+        _check_versions(versions, current, valid)
+    if versions.shape[1] == 0:  # no chunk at all: every trajectory is dropped
+        return torch.zeros(versions.shape[0], dtype=torch.bool, device=versions.device)
     big = torch.iinfo(torch.int64).max
     oldest = torch.where(valid, versions.to(torch.int64), big).amin(dim=1)
     has_chunks = valid.any(dim=1)
-    age = staleness(torch.where(has_chunks, oldest, 0), current_version)
+    age = staleness(torch.where(has_chunks, oldest, 0), current)
     return has_chunks & (age <= max_staleness)
 
 

@@ -11,14 +11,15 @@ states per pair), a confidence interval on the difference, and a sample size cho
 - `binomial_interval`: the Wilson score interval of a success rate from evaluation episodes.
 
 These are plain functions on Python numbers (sequences of floats), meant for reports, not for the
-training step.
+training step. The Student-t quantiles and tail probabilities come from SciPy, an optional
+dependency (`pip install scipy`, or `pip install chunkmask[stats]`) imported only when a function
+needs it; `binomial_interval` needs only the standard library.
 """
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
-
-from scipy import stats as _scipy_stats
+from statistics import NormalDist
+from typing import Any, NamedTuple
 
 from chunkmask._checks import check_positive_int, check_probability, check_range, check_real
 
@@ -31,6 +32,26 @@ __all__ = [
     "pairs_for_halfwidth",
     "paired_difference",
 ]
+
+
+def _scipy_stats() -> Any:
+    """Import `scipy.stats` on first use: SciPy is optional, needed only for Student-t values."""
+    try:
+        from scipy import stats
+    except ImportError as exc:  # pragma: no cover - exercised with scipy hidden
+        raise ImportError(
+            "chunkmask.stats needs SciPy for Student-t quantiles: `pip install scipy` (or "
+            "`pip install chunkmask[stats]`)."
+        ) from exc
+    return stats
+
+
+def _normal_quantile(q: float) -> float:
+    """The standard normal quantile (standard library; no SciPy needed)."""
+    return NormalDist().inv_cdf(q)
+
+
+_MAX_PAIRS = 2**53  # past this, n is no longer exact in float64 and the search cannot converge
 
 
 def _values(x: Sequence[float], name: str) -> list[float]:
@@ -98,13 +119,28 @@ def paired_difference(
         raise ValueError(f"`a` must hold at least 2 pairs for a confidence interval, got {len(xa)}.")
     confidence = check_range(confidence, "confidence", low=0.0, high=1.0, low_open=True,
                              high_open=True)
-    d = [x - y for x, y in zip(xa, xb, strict=True)]
-    n = len(d)
+    n = len(xa)
+    t = float(_scipy_stats().t.ppf(0.5 + confidence / 2, n - 1))
+    # Work in units of 2**e >= every |value| (exact scaling by `ldexp`): differences then lie in
+    # [-2, 2], and `hypot` sums the squared deviations without overflow or underflow.
+    top = max(max(abs(v) for v in xa), max(abs(v) for v in xb))
+    e = math.frexp(top)[1]
+    d = [math.ldexp(x, -e) - math.ldexp(y, -e) for x, y in zip(xa, xb, strict=True)]
     mean = math.fsum(d) / n
-    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in d) / (n - 1))
+    sd = math.hypot(*(v - mean for v in d)) / math.sqrt(n - 1)
     se = sd / math.sqrt(n)
-    t = float(_scipy_stats.t.ppf(0.5 + confidence / 2, n - 1))
-    return PairedDifference(mean, mean - t * se, mean + t * se, se, sd, n, confidence)
+    try:
+        out = [math.ldexp(v, e) for v in (mean, mean - t * se, mean + t * se, se, sd)]
+    except OverflowError:
+        out = [math.inf]
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(
+            "`a` and `b` must give a paired difference and interval representable in float64, "
+            f"got values up to {top:.3g} in magnitude, whose differences or "
+            f"{confidence:.6g}-interval overflow."
+        )
+    mean, low, high, se, sd = out
+    return PairedDifference(mean, low, high, se, sd, n, confidence)
 
 
 class EquivalenceTest(NamedTuple):
@@ -162,8 +198,9 @@ def equivalence_test(
     if diff.se == 0.0:
         inside = -margin < diff.mean < margin
         return EquivalenceTest(inside, 0.0 if inside else 1.0, diff, margin)
-    p_low = float(_scipy_stats.t.sf((diff.mean + margin) / diff.se, df))
-    p_high = float(_scipy_stats.t.sf((margin - diff.mean) / diff.se, df))
+    t_dist = _scipy_stats().t
+    p_low = float(t_dist.sf((diff.mean + margin) / diff.se, df))
+    p_high = float(t_dist.sf((margin - diff.mean) / diff.se, df))
     p = max(p_low, p_high)
     return EquivalenceTest(p < alpha, p, diff, margin)
 
@@ -184,7 +221,8 @@ def pairs_for_halfwidth(sd: float, halfwidth: float, *, confidence: float = 0.95
 
     Raises:
         TypeError: if an argument is not a real number.
-        ValueError: on a negative `sd`, a non-positive `halfwidth` or a bad `confidence`.
+        ValueError: on a negative `sd`, a non-positive `halfwidth`, a bad `confidence`, or a
+            `halfwidth` so small against `sd` that more than $2^{53}$ pairs would be needed.
 
     Example:
         >>> pairs_for_halfwidth(sd=21.5, halfwidth=5.0), pairs_for_halfwidth(sd=5.0, halfwidth=2.0)
@@ -195,9 +233,18 @@ def pairs_for_halfwidth(sd: float, halfwidth: float, *, confidence: float = 0.95
     confidence = check_range(confidence, "confidence", low=0.0, high=1.0, low_open=True,
                              high_open=True)
     q = 0.5 + confidence / 2
-    z = float(_scipy_stats.norm.ppf(q))
-    n = max(2, math.ceil((z * sd / halfwidth) ** 2))
-    while float(_scipy_stats.t.ppf(q, n - 1)) * sd / math.sqrt(n) > halfwidth:
+    z = _normal_quantile(q)
+    # t > z, so n >= (z sd / halfwidth)^2; divide before multiplying so the ratio cannot overflow.
+    ratio = z * (sd / halfwidth) if sd > 0 else 0.0
+    if not ratio * ratio <= _MAX_PAIRS:  # inf included
+        smallest = z * (sd / math.sqrt(_MAX_PAIRS))
+        raise ValueError(
+            f"`halfwidth` must be at least {smallest:.3g} for `sd` = {sd:.3g} (a smaller one needs "
+            f"more than 2**53 pairs), got {halfwidth:.3g}."
+        )
+    n = max(2, math.ceil(ratio * ratio))
+    t_dist = _scipy_stats().t
+    while float(t_dist.ppf(q, float(n - 1))) * sd / math.sqrt(n) > halfwidth:
         n += 1
     return n
 
@@ -255,7 +302,7 @@ def binomial_interval(successes: int, trials: int, *, confidence: float = 0.95) 
     confidence = check_probability(confidence, "confidence")
     if confidence >= 1.0:
         raise ValueError(f"`confidence` must lie in (0, 1), got {confidence}.")
-    z = float(_scipy_stats.norm.ppf(0.5 + confidence / 2))
+    z = _normal_quantile(0.5 + confidence / 2)
     p = successes / trials
     den = 1 + z * z / trials
     centre = (p + z * z / (2 * trials)) / den

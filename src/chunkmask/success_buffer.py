@@ -10,7 +10,7 @@ may enter and an *eviction* policy which entry leaves when the buffer is full. T
 equally fast ones, and keep the tasks balanced.
 """
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -195,12 +195,21 @@ class EvictOldest:
         return "EvictOldest()"
 
 
+def _as_list(x: Any, name: str) -> list[Any]:
+    """The entries of a 1-D sequence `x`; TypeError naming `name` for None or a non-sequence."""
+    if x is None or isinstance(x, (str, bytes, Mapping)) or not isinstance(x, Iterable):
+        raise TypeError(
+            f"`{name}` must be a 1-D tensor or a sequence, got {type(x).__name__} {x!r}."
+        )
+    return list(x)
+
+
 def _as_int_list(x: Any, name: str, n: int) -> list[Any]:
     if isinstance(x, Tensor):
         if x.ndim != 1 or x.shape[0] != n:
             raise ValueError(f"`{name}` must have shape ({n},), got {tuple(x.shape)}.")
         return x.tolist()
-    values = list(x)
+    values = _as_list(x, name)
     if len(values) != n:
         raise ValueError(f"`{name}` must have {n} entries, got {len(values)}.")
     return values
@@ -355,7 +364,8 @@ class SuccessBuffer:
             task: `(traj,)` task ids; all 0 when None.
 
         Raises:
-            TypeError: if `batch` is not a dict of tensors.
+            TypeError: if `batch` is not a dict of tensors, or `success`, `steps` or `task` is
+                not a 1-D tensor or a sequence (None, for `success` or `steps`).
             ValueError: if the tensors disagree on the number of trajectories or the flags have
                 another length.
         """
@@ -403,10 +413,15 @@ class SuccessBuffer:
         return torch.randint(len(self._entries), (batch_size,), generator=generator)
 
     def gather(self, indices: Int[Tensor, " batch"] | Sequence[int]) -> dict[str, Tensor]:
-        """Stack the entries at `indices` into a dict of `(batch, ...)` tensors."""
+        """Stack the entries at `indices` into a dict of `(batch, ...)` tensors.
+
+        Raises:
+            TypeError: if `indices` is not a 1-D integer tensor or a sequence of ints.
+            ValueError: if `indices` is empty or an index is out of range.
+        """
         if isinstance(indices, Tensor):
             check_tensor(indices, "indices", ndim=1, dtypes="int")
-        idx = indices.tolist() if isinstance(indices, Tensor) else list(indices)
+        idx = indices.tolist() if isinstance(indices, Tensor) else _as_list(indices, "indices")
         if not idx:
             raise ValueError("`indices` must not be empty.")
         for i in idx:
