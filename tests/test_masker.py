@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import chunkmask
-from chunkmask import NUM_PHASES, Phase, ProbabilisticChunkMasker
+from _sync import SyncRecorder as _SyncRecorder
+from chunkmask import NUM_PHASES, Phase, PhaseLabelling, PhaseScoring, ProbabilisticChunkMasker
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -23,34 +24,46 @@ def rollouts(seed=0, traj=12, n=16, h=4, d=3, group_size=4, device="cpu"):
     return {k: v.to(device) for k, v in dict(actions=actions, success=success, group=group, valid=valid).items()}
 
 
+def per_phase(phases, mask):
+    return torch.stack([(mask & (phases == c)).sum() for c in range(NUM_PHASES)])
+
+
+def run(masker, *, advantages=None, phases=None, **batch):
+    """One training step of the masker: `update` then `draw`; returns (selection, PhaseUpdate)."""
+    info = masker.update(phases=phases, **batch)
+    sel = masker.draw(info.phases, valid=batch.get("valid"), advantages=advantages)
+    return sel, info
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_select_respects_budget_padding_and_reports_consistent_diagnostics(device):
     batch = rollouts(device=device)
     masker = ProbabilisticChunkMasker(budget=5, seed=0)
-    sel, info = masker.select(**batch)
+    sel, info = run(masker, **batch)
     valid = batch["valid"]
     assert isinstance(sel, chunkmask.Selection)
     assert torch.equal(sel.counts, valid.sum(1).clamp_max(5))
     chosen = sel.chunk_mask()
     assert not (chosen & ~valid).any()
-    assert int(info.selected_per_phase.sum()) == int(chosen.sum())
+    assert int(info.selected_per_phase(sel).sum()) == int(chosen.sum())
     assert int(info.available_per_phase.sum()) == int(valid.sum())
     assert (info.phases[~valid] == Phase.PAD).all() and (info.phases[valid] >= 0).all()
     keep = info.keep_probabilities
     assert keep.shape == (NUM_PHASES,) and (keep >= 0.1 - 1e-6).all() and (keep <= 1 + 1e-6).all()
     expected_w = torch.where(valid, keep[info.phases.clamp_min(0)], 0.0)
-    torch.testing.assert_close(info.weights, expected_w)
-    assert info.inclusion is None
+    assert sel.inclusion is None and sel.packed_inclusion() is None
+    torch.testing.assert_close(masker.weights(info.phases, valid), expected_w)
+    assert torch.equal(info.selected_per_phase(sel), per_phase(info.phases, chosen))
 
 
 def test_masker_is_exactly_the_composition_of_the_primitives():
     batch = rollouts(seed=3)
-    masker = ProbabilisticChunkMasker(budget=4, seed=11, refresh_every=2)
+    masker = ProbabilisticChunkMasker(budget=4, seed=11, scoring=PhaseScoring(refresh_every=2))
     buffer = chunkmask.PhaseScoreBuffer(NUM_PHASES, refresh_every=2, p_min=0.1)
     gen = torch.Generator().manual_seed(11)
     for step in range(4):
         batch = rollouts(seed=step)
-        sel, info = masker.select(**batch)
+        sel, info = run(masker, **batch)
         frac = chunkmask.gripper_close_fraction(batch["actions"][..., -1], batch["valid"], close="positive")
         phases = chunkmask.label_gripper_phases(frac, batch["valid"])
         var = chunkmask.success_failure_variance(
@@ -66,18 +79,18 @@ def test_masker_is_exactly_the_composition_of_the_primitives():
 
 
 def test_same_seed_same_selection_and_state_round_trip():
-    a = ProbabilisticChunkMasker(budget=3, seed=5, refresh_every=2)
-    b = ProbabilisticChunkMasker(budget=3, seed=5, refresh_every=2)
+    a = ProbabilisticChunkMasker(budget=3, seed=5, scoring=PhaseScoring(refresh_every=2))
+    b = ProbabilisticChunkMasker(budget=3, seed=5, scoring=PhaseScoring(refresh_every=2))
     for step in range(3):
-        sa, _ = a.select(**rollouts(seed=step))
-        sb, _ = b.select(**rollouts(seed=step))
+        sa, _ = run(a, **rollouts(seed=step))
+        sb, _ = run(b, **rollouts(seed=step))
         assert torch.equal(sa.indices, sb.indices)
     state = a.state_dict()
-    c = ProbabilisticChunkMasker(budget=3, seed=999, refresh_every=2)
+    c = ProbabilisticChunkMasker(budget=3, seed=999, scoring=PhaseScoring(refresh_every=2))
     c.load_state_dict(state)
     for step in range(3, 7):
-        sa, ia = a.select(**rollouts(seed=step))
-        sc, ic = c.select(**rollouts(seed=step))
+        sa, ia = run(a, **rollouts(seed=step))
+        sc, ic = run(c, **rollouts(seed=step))
         assert torch.equal(sa.indices, sc.indices)
         torch.testing.assert_close(ia.keep_probabilities, ic.keep_probabilities)
 
@@ -88,8 +101,8 @@ def test_nan_in_padded_actions_changes_nothing():
     dirty["actions"] = batch["actions"].clone()
     dirty["actions"][~batch["valid"]] = float("nan")
     dirty["actions"][~batch["valid"], :, -1] = -1.0  # keep the gripper channel's padding sane
-    s1, i1 = ProbabilisticChunkMasker(budget=4, seed=1).select(**batch)
-    s2, i2 = ProbabilisticChunkMasker(budget=4, seed=1).select(**dirty)
+    s1, i1 = run(ProbabilisticChunkMasker(budget=4, seed=1), **batch)
+    s2, i2 = run(ProbabilisticChunkMasker(budget=4, seed=1), **dirty)
     assert torch.equal(s1.indices, s2.indices)
     torch.testing.assert_close(i1.scores, i2.scores)
 
@@ -99,20 +112,24 @@ def test_explicit_phases_custom_labeler_gripper_and_inclusion():
     traj, n = batch["valid"].shape
     phases = torch.where(batch["valid"], torch.arange(n)[None, :].expand(traj, n) % 2, -1)
     masker = ProbabilisticChunkMasker(budget=4, num_phases=2, seed=0, inclusion=True)
-    sel, info = masker.select(phases=phases, **batch)
+    sel, info = run(masker, phases=phases, **batch)
     assert torch.equal(info.phases, phases)
-    assert info.inclusion.shape == (traj, n)
-    torch.testing.assert_close(info.inclusion.sum(1), sel.counts.to(torch.float64), atol=1e-6, rtol=0)
+    pi = chunkmask.inclusion_probabilities(masker.weights(info.phases), 4, valid=batch["valid"])
+    assert sel.inclusion.shape == (traj, 4) and sel.inclusion.dtype == torch.float64
+    torch.testing.assert_close(pi.sum(1), sel.counts.to(torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sel.packed_inclusion(), pi[sel.chunk_mask()])
+    assert (sel.inclusion[~sel.mask] == 1).all()
+    sel.check(values=True)
 
     def labeler(gripper, valid):
         return torch.where(valid, 0, -1)
 
-    _, info2 = ProbabilisticChunkMasker(budget=2, num_phases=1, labeler=labeler, seed=0).select(**batch)
+    _, info2 = run(ProbabilisticChunkMasker(budget=2, num_phases=1, labelling=PhaseLabelling(labeler=labeler), seed=0), **batch)
     assert (info2.phases[batch["valid"]] == 0).all()
     # An explicit gripper overrides the last action dim; convention "zero" means 0 closes.
     gripper01 = (batch["actions"][..., -1] < 0).float()
-    _, a = ProbabilisticChunkMasker(budget=2, seed=0).select(**batch)
-    _, b = ProbabilisticChunkMasker(budget=2, seed=0, close="zero").select(gripper=gripper01, **batch)
+    _, a = run(ProbabilisticChunkMasker(budget=2, seed=0), **batch)
+    _, b = run(ProbabilisticChunkMasker(budget=2, seed=0, labelling=PhaseLabelling(close="zero")), gripper=gripper01, **batch)
     assert torch.equal(a.phases, b.phases)
 
 
@@ -120,7 +137,7 @@ def test_all_success_and_all_failure_batches_are_defined():
     batch = rollouts(seed=4)
     for outcome in (True, False):
         batch["success"] = torch.full_like(batch["success"], outcome)
-        sel, info = ProbabilisticChunkMasker(budget=3, seed=0).select(**batch)
+        sel, info = run(ProbabilisticChunkMasker(budget=3, seed=0), **batch)
         assert not info.defined.any()
         assert torch.isfinite(info.keep_probabilities).all()
         assert torch.equal(sel.counts, batch["valid"].sum(1).clamp_max(3))
@@ -132,22 +149,26 @@ def test_masker_errors():
     with pytest.raises(TypeError, match="`budget` must be an int"):
         ProbabilisticChunkMasker(budget=2.5)
     with pytest.raises(ValueError, match="`p_min`"):
-        ProbabilisticChunkMasker(budget=2, p_min=1.5)
+        ProbabilisticChunkMasker(budget=2, scoring=PhaseScoring(p_min=1.5))
     with pytest.raises(ValueError, match="`weighting`.*'uniform'.*got 'mean'"):
-        ProbabilisticChunkMasker(budget=2, weighting="mean")
+        ProbabilisticChunkMasker(budget=2, scoring=PhaseScoring(weighting="mean"))
     with pytest.raises(TypeError, match="`labeler` must be callable"):
-        ProbabilisticChunkMasker(budget=2, labeler=3)
-    with pytest.raises(TypeError, match="`generator` must be a torch.Generator"):
-        ProbabilisticChunkMasker(budget=2, generator=0)
+        ProbabilisticChunkMasker(budget=2, labelling=PhaseLabelling(labeler=3))
+    with pytest.raises(TypeError, match="`seed` must be a non-negative int or a torch.Generator"):
+        ProbabilisticChunkMasker(budget=2, seed="0")
+    with pytest.raises(TypeError, match="`scoring` must be a chunkmask.PhaseScoring, got dict"):
+        ProbabilisticChunkMasker(budget=2, scoring={"p_min": 0.2})
+    with pytest.raises(TypeError, match="`labelling` must be a chunkmask.PhaseLabelling, got str"):
+        ProbabilisticChunkMasker(budget=2, labelling="gripper")
     with pytest.raises(ValueError, match="`close`"):
-        ProbabilisticChunkMasker(budget=2, close="sideways")
+        ProbabilisticChunkMasker(budget=2, labelling=PhaseLabelling(close="sideways"))
     masker = ProbabilisticChunkMasker(budget=2)
     with pytest.raises(ValueError, match="`gripper` or `actions`"):
         masker.label()
     with pytest.raises(ValueError, match="`actions` must have 4 dimensions"):
-        masker.select(actions=torch.zeros(2, 3, 4), success=torch.ones(2, dtype=torch.bool), group=torch.zeros(2, dtype=torch.long))
+        run(masker, actions=torch.zeros(2, 3, 4), success=torch.ones(2, dtype=torch.bool), group=torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"`valid` must have shape \(2, 3\)"):
-        masker.select(actions=torch.zeros(2, 3, 4, 2), success=torch.ones(2, dtype=torch.bool),
+        run(masker, actions=torch.zeros(2, 3, 4, 2), success=torch.ones(2, dtype=torch.bool),
                       group=torch.zeros(2, dtype=torch.long), valid=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="missing keys"):
         masker.load_state_dict({"budget": 2})
@@ -161,49 +182,25 @@ def test_masker_errors():
 # ----------------------------------------------------------------------------- host syncs
 
 
-_SYNC_OPS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "is_nonzero", "equal")
-
-
-class _SyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every aten op that reads tensor contents on the host.
-
-    `.item()`, `int(t)`, `bool(t)` all dispatch `_local_scalar_dense`; `torch.unique`, `nonzero`
-    and boolean-mask indexing have data-dependent output shapes (they sync on an accelerator).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__
-        if any(op in name for op in _SYNC_OPS):
-            self.ops.append(name)
-        if func is torch.ops.aten.index.Tensor and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
-        ):
-            self.ops.append("boolean-mask index")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("global_rng", [False, True])
 def test_select_makes_no_host_sync_when_asked(global_rng):
     batch = rollouts()
     kwargs = {"seed": 0} if not global_rng else {}
     masker = ProbabilisticChunkMasker(
-        budget=5, refresh_every=2, validate_args=False, global_rng=global_rng, **kwargs
+        budget=5, scoring=PhaseScoring(refresh_every=2), validate_args=False,
+        global_rng=global_rng, **kwargs
     )
     with _SyncRecorder() as rec:
         for _ in range(3):  # initialise, hold, refresh
-            masker.select(**batch, num_groups=3)
+            run(masker, **batch, num_groups=3)
     assert rec.ops == []
     # The recorder does see the syncs of the other paths.
     with _SyncRecorder() as rec:
-        masker.select(**batch)
+        run(masker, **batch)
     assert "_unique2" in " ".join(rec.ops)
-    checked = ProbabilisticChunkMasker(budget=5, seed=0)
+    checked = ProbabilisticChunkMasker(budget=5, seed=0, validate_args=True)
     with _SyncRecorder() as rec:
-        checked.select(**batch, num_groups=3)
+        run(checked, **batch, num_groups=3)
     assert "_local_scalar_dense" in " ".join(rec.ops)
 
 
@@ -212,16 +209,16 @@ def test_select_compiles_fullgraph_and_matches_eager():
     # does not prove the absence of syncs; the dispatch recorder above does.
     batch = rollouts()
 
-    def run(compiled):
+    def go(compiled):
         torch._dynamo.reset()
         torch.manual_seed(3)
         masker = ProbabilisticChunkMasker(
-            budget=5, refresh_every=2, validate_args=False, global_rng=True
+            budget=5, scoring=PhaseScoring(refresh_every=2), validate_args=False, global_rng=True
         )
 
         def step(actions, success, group, valid):
-            sel, info = masker.select(
-                actions=actions, success=success, group=group, valid=valid, num_groups=3
+            sel, info = run(
+                masker, actions=actions, success=success, group=group, valid=valid, num_groups=3
             )
             return sel.indices, sel.mask, info.keep_probabilities, info.phases
 
@@ -229,10 +226,51 @@ def test_select_compiles_fullgraph_and_matches_eager():
             step = torch.compile(step, fullgraph=True, backend="aot_eager")
         return [step(**batch) for _ in range(4)]
 
-    eager, compiled = run(False), run(True)
+    eager, compiled = go(False), go(True)
     for a, b in zip(eager, compiled, strict=True):
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y)
+
+
+def test_compiled_update_does_not_recompile_per_step():
+    """The buffer's step counters are tensors: steps 1..6 (init, hold, refresh) share one graph."""
+    batch = rollouts()
+    torch._dynamo.reset()
+    masker = ProbabilisticChunkMasker(budget=5, scoring=PhaseScoring(refresh_every=2), seed=0)
+    frames = []
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    update = torch.compile(masker.update, fullgraph=True, backend=backend)
+    eager = ProbabilisticChunkMasker(budget=5, scoring=PhaseScoring(refresh_every=2), seed=0)
+    for _ in range(6):
+        got = update(**batch, num_groups=3)
+        want = eager.update(**batch, num_groups=3)
+        torch.testing.assert_close(got.keep_probabilities, want.keep_probabilities)
+    assert len(frames) == 1
+    assert int(masker.buffer.num_updates) == 6
+
+
+def test_draw_is_pure_and_update_advances_once():
+    batch = rollouts(seed=5)
+    masker = ProbabilisticChunkMasker(budget=4, seed=0, scoring=PhaseScoring(refresh_every=1))
+    info = masker.update(**batch)
+    state = masker.state_dict()["buffer"]
+    keep = masker.keep_probabilities
+    draws = [masker.draw(info.phases, valid=batch["valid"]) for _ in range(3)]
+    after = masker.state_dict()["buffer"]
+    for key, value in state.items():
+        torch.testing.assert_close(after[key], value)
+    torch.testing.assert_close(masker.keep_probabilities, keep)
+    assert int(masker.buffer.num_updates) == 1
+    assert any(not torch.equal(draws[0].indices, d.indices) for d in draws[1:])  # RNG advances
+    # select is update then draw: it advances the buffer by exactly one step.
+    twin = ProbabilisticChunkMasker(budget=4, seed=0, scoring=PhaseScoring(refresh_every=1))
+    sel = twin.select(**batch)
+    assert int(twin.buffer.num_updates) == 1
+    assert torch.equal(sel.indices, draws[0].indices)
 
 
 def test_num_groups_equals_unique_path():
@@ -240,12 +278,13 @@ def test_num_groups_equals_unique_path():
     a = ProbabilisticChunkMasker(budget=5, seed=0)
     b = ProbabilisticChunkMasker(budget=5, seed=0)
     for _ in range(3):
-        sa, ia = a.select(**batch)
-        sb, ib = b.select(**batch, num_groups=3)
+        sa, ia = run(a, **batch)
+        sb, ib = run(b, **batch, num_groups=3)
         assert torch.equal(sa.indices, sb.indices)
         torch.testing.assert_close(ia.scores, ib.scores)
+    checked = ProbabilisticChunkMasker(budget=5, seed=0, validate_args=True)
     with pytest.raises(ValueError, match=r"`group` must hold ids in \[0, 2\) \(`num_groups`\)"):
-        a.select(**batch, num_groups=2)
+        run(checked, **batch, num_groups=2)
 
 
 # ----------------------------------------------------------------------------- argument errors
@@ -254,7 +293,7 @@ def test_num_groups_equals_unique_path():
 def test_phases_padding_is_pad_in_info():
     batch = rollouts()
     phases = torch.where(batch["valid"], 1, 77)  # caller's padding value is garbage
-    _, info = ProbabilisticChunkMasker(budget=4, seed=0).select(**batch, phases=phases)
+    _, info = run(ProbabilisticChunkMasker(budget=4, seed=0), **batch, phases=phases)
     assert (info.phases[~batch["valid"]] == int(Phase.PAD)).all()
     assert (info.phases[batch["valid"]] == 1).all()
     assert info.phases.dtype == torch.int64
@@ -264,34 +303,34 @@ def test_errors_name_the_argument_the_user_passed():
     batch = rollouts()
     actions = batch["actions"].clone()
     actions[0, 0, 0, 0] = float("nan")
-    masker = ProbabilisticChunkMasker(budget=4, seed=0)
+    masker = ProbabilisticChunkMasker(budget=4, seed=0, validate_args=True)
     with pytest.raises(ValueError, match=r"`actions` must be finite"):
-        masker.select(**{**batch, "actions": actions})
+        run(masker, **{**batch, "actions": actions})
     with pytest.raises(ValueError, match=r"`phases` must have shape \(12, 16\) \(the first two sizes of `actions`\)"):
-        masker.select(**batch, phases=torch.zeros(12, 15, dtype=torch.int64))
+        run(masker, **batch, phases=torch.zeros(12, 15, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"`close_threshold` must be finite, got nan"):
-        ProbabilisticChunkMasker(budget=4, close_threshold=float("nan"))
+        ProbabilisticChunkMasker(budget=4, labelling=PhaseLabelling(close_threshold=float("nan")))
     with pytest.raises(ValueError, match=r"`close_threshold` must be given"):
-        ProbabilisticChunkMasker(budget=4, close="threshold")
+        ProbabilisticChunkMasker(budget=4, labelling=PhaseLabelling(close="threshold"))
     for seed in (1.5, 2.0, True):
-        with pytest.raises(TypeError, match=r"`seed` must be an int"):
+        with pytest.raises(TypeError, match=r"`seed` must be a non-negative int or a torch.Generator"):
             ProbabilisticChunkMasker(budget=4, seed=seed)
     with pytest.raises(ValueError, match=r"`seed` must be >= 0, got -1"):
         ProbabilisticChunkMasker(budget=4, seed=-1)
     with pytest.raises(TypeError, match=r"`inclusion` must be a bool"):
         ProbabilisticChunkMasker(budget=4, inclusion="yes")
-    with pytest.raises(ValueError, match=r"`generator` must be None when `global_rng=True`"):
-        ProbabilisticChunkMasker(budget=4, global_rng=True, generator=torch.Generator())
+    with pytest.raises(ValueError, match=r"`seed` must be None when `global_rng=True`"):
+        ProbabilisticChunkMasker(budget=4, global_rng=True, seed=torch.Generator())
     with pytest.raises(TypeError, match=r"`process_group` must be a torch.distributed.ProcessGroup"):
-        ProbabilisticChunkMasker(budget=4, process_group="world")
+        ProbabilisticChunkMasker(budget=4, scoring=PhaseScoring(process_group="world"))
     with pytest.raises(TypeError, match=r"`labeler\(gripper, valid\)` must have an int dtype"):
-        ProbabilisticChunkMasker(budget=4, labeler=lambda g, v: g).select(**batch)
+        run(ProbabilisticChunkMasker(budget=4, labelling=PhaseLabelling(labeler=lambda g, v: g)), **batch)
 
 
 def test_load_state_dict_rejects_bad_states():
     batch = rollouts()
     masker = ProbabilisticChunkMasker(budget=4, seed=0)
-    masker.select(**batch)
+    run(masker, **batch)
     state = masker.state_dict()
     before = masker.keep_probabilities
 
@@ -340,15 +379,15 @@ def test_cause_scoring_is_the_composition_with_the_onset_labeler():
 
     scored = (OnsetPhase.APPROACH, OnsetPhase.ONSET)
     masker = ProbabilisticChunkMasker(
-        budget=4, num_phases=NUM_ONSET_PHASES, labeler=labeler, scored_phases=scored, seed=3,
-        refresh_every=2, window="weighted", min_groups=2,
+        budget=4, num_phases=NUM_ONSET_PHASES, labelling=PhaseLabelling(labeler=labeler), seed=3,
+        scoring=PhaseScoring(scored_phases=scored, refresh_every=2, window="weighted", min_groups=2),
     )
     buffer = chunkmask.PhaseScoreBuffer(NUM_ONSET_PHASES, refresh_every=2, window="weighted",
                                         min_groups=2)
     gen = torch.Generator().manual_seed(3)
     for step in range(4):
         batch = rollouts(seed=step)
-        sel, info = masker.select(**batch)
+        sel, info = run(masker, **batch)
         phases = labeler(batch["actions"][..., -1], batch["valid"])
         var = chunkmask.success_failure_variance(
             batch["actions"], phases, batch["success"], batch["group"],
@@ -366,16 +405,73 @@ def test_cause_scoring_is_the_composition_with_the_onset_labeler():
 
 def test_scored_phases_and_robust_buffer_errors():
     with pytest.raises(ValueError, match=r"`scored_phases` must hold at least one id in \[0, 5\)"):
-        ProbabilisticChunkMasker(budget=2, scored_phases=[5])
+        ProbabilisticChunkMasker(budget=2, scoring=PhaseScoring(scored_phases=[5]))
     with pytest.raises(ValueError, match=r"`scored_phases` must hold at least one id"):
-        ProbabilisticChunkMasker(budget=2, scored_phases=[])
+        ProbabilisticChunkMasker(budget=2, scoring=PhaseScoring(scored_phases=[]))
     with pytest.raises(ValueError, match="`scored_phases` must be >= 0, got -1"):
-        ProbabilisticChunkMasker(budget=2, scored_phases=[0, -1])
+        ProbabilisticChunkMasker(budget=2, scoring=PhaseScoring(scored_phases=[0, -1]))
     with pytest.raises(TypeError, match="`scored_phases` must be a sequence of phase ids, got int"):
-        ProbabilisticChunkMasker(budget=2, scored_phases=1)
+        ProbabilisticChunkMasker(budget=2, scoring=PhaseScoring(scored_phases=1))
     with pytest.raises(TypeError, match="`scored_phases` must be an int, got float"):
-        ProbabilisticChunkMasker(budget=2, scored_phases=[1.0])
+        ProbabilisticChunkMasker(budget=2, scoring=PhaseScoring(scored_phases=[1.0]))
     with pytest.raises(ValueError, match="`window` must be one of"):
-        ProbabilisticChunkMasker(budget=2, window="mean")
+        ProbabilisticChunkMasker(budget=2, scoring=PhaseScoring(window="mean"))
     with pytest.raises(ValueError, match=r"`min_groups` must lie in \[0.0, inf\)"):
-        ProbabilisticChunkMasker(budget=2, min_groups=-2)
+        ProbabilisticChunkMasker(budget=2, scoring=PhaseScoring(min_groups=-2))
+
+
+def test_readme_loop_runs_as_written():
+    """The README's PCM loop is the API: its masker lines run verbatim on synthetic rollouts."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## PCM in a GRPO loop", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    # The loss line belongs to the losses' own tests; everything up to the forward runs here.
+    code = "\n".join(line for line in code.splitlines() if "masked_grpo_loss" not in line)
+    batch = rollouts(seed=1)
+    traj, n = batch["valid"].shape
+
+    class Policy:
+        def log_prob(self, obs, tokens):
+            return obs.sum(-1) * 0.0 - tokens.float().mean(-1)
+
+    namespace = {
+        "rewards": batch["success"].float(), "group": batch["group"], "actions": batch["actions"],
+        "valid": batch["valid"], "obs": torch.randn(traj, n, 3), "old_logp": torch.zeros(traj, n),
+        "tokens": torch.zeros(traj, n, 6, dtype=torch.long), "policy": Policy(),
+    }
+    exec(code, namespace)  # noqa: S102
+    sel = namespace["sel"]
+    assert isinstance(sel, chunkmask.Selection)
+    assert torch.equal(sel.counts, batch["valid"].sum(1).clamp_max(12))
+    assert namespace["logp"].shape == (sel.num_selected(),)
+    assert int(namespace["masker"].buffer.num_updates) == 1
+
+
+def test_advantage_aware_total_is_budget_per_trajectory_that_reaches_the_update():
+    """B x (trajectories with A != 0 and a valid chunk), never B x the rolled-out ones.
+
+    The old accounting spent sum_i min(B, T_i) over all 8 rollouts (32 chunks) on the 3 that
+    reach the update; the right total is 4 x 3 = 12, with the short row's unused chunks passed on.
+    """
+    from chunkmask import ChunkBudget
+
+    g = torch.Generator().manual_seed(4)
+    actions = torch.randn(8, 20, 2, 3, generator=g)
+    success = torch.tensor([True, False, True, True, True, False, False, False])
+    group = torch.arange(8) // 2
+    adv = torch.tensor([0.7, -0.7, 0.0, 0.0, 0.7, -0.7, 0.0, 0.0])
+    valid = torch.ones(8, 20, dtype=torch.bool)
+    valid[4, 2:] = False  # a short informative trajectory: 2 chunks
+    valid[5] = False  # informative, but dropped (e.g. by a filter) before the update
+    masker = ProbabilisticChunkMasker(budget=ChunkBudget(4, advantage_aware=True), seed=0)
+    info = masker.update(actions=actions, success=success, group=group, valid=valid)
+    sel = masker.draw(info.phases, valid=valid, advantages=adv)
+    assert sel.counts.tolist() == [5, 5, 0, 0, 2, 0, 0, 0]
+    assert int(sel.counts.sum()) == 4 * 3
+    # Without A = 0 rows and with every row full length it is exactly the fixed budget.
+    info = masker.update(actions=actions, success=success, group=group)
+    sel = masker.draw(info.phases, advantages=adv.abs() + 1)
+    assert sel.counts.tolist() == [4] * 8

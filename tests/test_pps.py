@@ -64,6 +64,19 @@ def test_inclusion_rows_tensor_totals_and_valid():
     assert pps_inclusion(torch.zeros(2, 0), 3).shape == (2, 0)
 
 
+def draw(sizes, budget, *, scope="batch", generator=None):
+    """`pps_sample` and the dense `(traj, chunk)` pi of its design; checks the Selection's pi."""
+    sel = pps_sample(sizes, budget, scope=scope, generator=generator)
+    if scope == "batch":
+        pi = pps_inclusion(sizes.reshape(1, -1), budget * sizes.shape[0]).reshape(sizes.shape)
+    else:
+        pi = pps_inclusion(sizes, budget)
+    assert sel.inclusion is not None and sel.inclusion.dtype == torch.float64
+    torch.testing.assert_close(sel.packed_inclusion(), pi[sel.chunk_mask()])
+    assert (sel.inclusion[~sel.mask] == 1).all()
+    return sel, pi
+
+
 def test_systematic_draw_has_the_promised_inclusion_probabilities():
     sizes = torch.tensor([[5.0, 1.0, 0.5, 2.0, 0.0, 3.0], [1.0, 1.0, 4.0, 0.2, 0.2, 0.0]])
     gen = torch.Generator().manual_seed(12345)
@@ -71,7 +84,7 @@ def test_systematic_draw_has_the_promised_inclusion_probabilities():
     counts = torch.zeros(2, 6, dtype=torch.float64)
     totals = set()
     for _ in range(n):
-        sel, pi = pps_sample(sizes, 2, generator=gen)
+        sel, pi = draw(sizes, 2, generator=gen)
         counts += sel.chunk_mask().double()
         totals.add(int(sel.counts.sum()))
     assert totals == {4}  # K = 2 x 2 chunks, exactly, every draw
@@ -86,7 +99,7 @@ def test_horvitz_thompson_with_pps_is_unbiased_for_the_full_sum():
     sizes = x.abs() + 0.1 * torch.rand(3, 8, generator=g)
     estimates = []
     for _ in range(4000):
-        sel, pi = pps_sample(sizes, 2, scope="trajectory", generator=g)
+        sel, pi = draw(sizes, 2, scope="trajectory", generator=g)
         chosen = sel.chunk_mask()
         estimates.append(float(torch.where(chosen, x / pi.float(), 0.0).sum()))
     est = np.array(estimates)
@@ -94,21 +107,21 @@ def test_horvitz_thompson_with_pps_is_unbiased_for_the_full_sum():
     # For positive contributions, sizes proportional to them make the estimator exact (a fixed
     # sample size of terms sum(x) / K each); uniform inclusion does not.
     y = x.abs()
-    sel, pi = pps_sample(y, 2, scope="trajectory", generator=g)
+    sel, pi = draw(y, 2, scope="trajectory", generator=g)
     assert float(torch.where(sel.chunk_mask(), y / pi.float(), 0.0).sum()) == pytest.approx(
         float(y.sum()), rel=1e-5
     )
     uniform = []
     for _ in range(200):
-        sel, pi = pps_sample(torch.ones(3, 8), 2, scope="trajectory", generator=g)
+        sel, pi = draw(torch.ones(3, 8), 2, scope="trajectory", generator=g)
         uniform.append(float(torch.where(sel.chunk_mask(), y / pi.float(), 0.0).sum()))
     assert np.std(uniform) > 0.5
 
 
 def test_trajectory_scope_budgets_and_zero_rows():
     sizes = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    sel, pi = pps_sample(sizes, torch.tensor([3, 2, 4]), scope="trajectory",
-                         generator=torch.Generator().manual_seed(0))
+    sel, pi = draw(sizes, torch.tensor([3, 2, 4]), scope="trajectory",
+                   generator=torch.Generator().manual_seed(0))
     assert sel.counts.tolist() == [3, 0, 4]
     assert sel.num_chunks.tolist() == [4, 4, 4]
     assert pi[1].abs().sum() == 0 and pi[2].tolist() == [1.0] * 4
@@ -118,15 +131,13 @@ def test_loss_with_pps_inclusion_runs_and_equals_full_when_everything_is_drawn()
     g = torch.Generator().manual_seed(0)
     logp = torch.randn(2, 3, 4, generator=g).clamp_max(0)
     adv = torch.tensor([1.0, -1.0])
-    sel, pi = pps_sample(torch.ones(2, 3), 3, generator=g)  # K >= all: pi = 1
+    sel, pi = draw(torch.ones(2, 3), 3, generator=g)  # K >= all: pi = 1
     from chunkmask import Selection, shrink
 
     packed = shrink({"logp": logp, "adv": adv, "pi": pi.float()}, sel)
-    ht = masked_grpo_loss(packed["logp"], packed["logp"].detach(), packed["adv"], selection=sel,
-                          estimator="horvitz_thompson", inclusion=packed["pi"])
+    ht = masked_grpo_loss(packed["logp"], old_logp=packed["logp"].detach(), advantages=packed["adv"], selection=sel, estimator="horvitz_thompson")
     full = Selection.from_mask(torch.ones(2, 3, dtype=torch.bool))
-    ref = masked_grpo_loss(shrink({"l": logp}, full)["l"], shrink({"l": logp}, full)["l"],
-                           shrink({"a": adv}, full)["a"], selection=full)
+    ref = masked_grpo_loss(shrink({"l": logp}, full)["l"], old_logp=shrink({"l": logp}, full)["l"], advantages=shrink({"a": adv}, full)["a"], selection=full)
     torch.testing.assert_close(ht.loss, ref.loss)
 
 
@@ -158,15 +169,15 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="`sizes`.*finite and non-negative"):
         pps_inclusion(torch.tensor([1.0, float("nan")]), 1)
     pps_inclusion(torch.tensor([1.0, float("nan")]), 1, torch.tensor([True, False]))  # padding
-    with pytest.raises(ValueError, match="`total` must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="`budget` must be >= 0, got -1"):
         pps_inclusion(s, -1)
-    with pytest.raises(TypeError, match="`total` must be an int, got float"):
+    with pytest.raises(TypeError, match="`budget` must be an int, got float"):
         pps_inclusion(s, 1.5)
-    with pytest.raises(ValueError, match=r"`total` must be an int or have shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"`budget` must be an int or have shape \(2,\)"):
         pps_inclusion(s, torch.tensor([1, 2, 3]))
-    with pytest.raises(TypeError, match="`total`"):
+    with pytest.raises(TypeError, match="`budget`"):
         pps_inclusion(s, torch.tensor([1.0, 2.0]))
-    with pytest.raises(ValueError, match="`total` must be >= 0"):
+    with pytest.raises(ValueError, match="`budget` must be >= 0"):
         pps_inclusion(s, torch.tensor([1, -2]))
     with pytest.raises(ValueError, match=r"`valid`.*\(2, 3\)"):
         pps_inclusion(s, 1, torch.ones(2, 2, dtype=torch.bool))

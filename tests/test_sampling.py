@@ -427,11 +427,11 @@ def test_topk_sample_negative_infinity_beats_padding_and_bfloat16():
 
 def test_plackett_luce_errors():
     w = torch.ones(2, 4)
-    with pytest.raises(ValueError, match=r"`k` must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"`budget` must be > 0, got 0"):
         plackett_luce_sample(w, 0)
-    with pytest.raises(ValueError, match=r"`k` must be > 0, got -2"):
+    with pytest.raises(ValueError, match=r"`budget` must be > 0, got -2"):
         plackett_luce_sample(w, -2)
-    with pytest.raises(TypeError, match=r"`k` must be an int"):
+    with pytest.raises(TypeError, match=r"`budget` must be an int"):
         plackett_luce_sample(w, 2.0)
     with pytest.raises(TypeError, match=r"`weights` must have a float dtype"):
         plackett_luce_sample(torch.ones(2, 4, dtype=torch.int64), 2)
@@ -442,9 +442,9 @@ def test_plackett_luce_errors():
     with pytest.raises(TypeError, match=r"`valid` must have a bool dtype"):
         plackett_luce_sample(w, 2, valid=torch.ones(2, 4))
     with pytest.raises(ValueError, match=r"`weights` must be finite and non-negative.*1 bad"):
-        plackett_luce_sample(torch.tensor([[1.0, -0.5, 1.0]]), 2)
+        plackett_luce_sample(torch.tensor([[1.0, -0.5, 1.0]]), 2, validate_args=True)
     with pytest.raises(ValueError, match=r"`weights` must be finite and non-negative.*1 bad"):
-        plackett_luce_sample(torch.tensor([[1.0, math.nan, 1.0]]), 2)
+        plackett_luce_sample(torch.tensor([[1.0, math.nan, 1.0]]), 2, validate_args=True)
     with pytest.raises(TypeError, match=r"`generator` must be a torch.Generator"):
         plackett_luce_sample(w, 2, generator=0)
     # Bad values at padding are ignored.
@@ -455,7 +455,7 @@ def test_plackett_luce_errors():
 
 def test_inclusion_probabilities_errors():
     w = torch.ones(2, 4)
-    with pytest.raises(ValueError, match=r"`k` must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"`budget` must be > 0, got 0"):
         inclusion_probabilities(w, 0)
     with pytest.raises(ValueError, match=r"`num_nodes` must be > 0, got 0"):
         inclusion_probabilities(w, 2, num_nodes=0)
@@ -491,22 +491,22 @@ def test_stratified_sample_errors():
 
 def test_baseline_errors():
     phases = torch.tensor([[0, 1, 1, 2]])
-    with pytest.raises(ValueError, match=r"`k` must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"`budget` must be > 0, got 0"):
         uniform_sample(torch.ones(1, 4, dtype=torch.bool), 0)
     with pytest.raises(TypeError, match=r"`valid` must have a bool dtype"):
         uniform_sample(torch.ones(1, 4), 2)
-    with pytest.raises(ValueError, match=r"`k` must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"`budget` must be > 0, got 0"):
         top_phase_sample(phases, torch.ones(3), 0)
     with pytest.raises(ValueError, match=r"`scores` must not contain NaN"):
-        top_phase_sample(phases, torch.tensor([1.0, math.nan, 0.0]), 2)
+        top_phase_sample(phases, torch.tensor([1.0, math.nan, 0.0]), 2, validate_args=True)
     with pytest.raises(ValueError, match=r"`scores` must have shape \(1, phase\) or \(phase,\)"):
         top_phase_sample(phases, torch.ones(2, 3), 2)
     with pytest.raises(ValueError, match=r"`phases` must lie in \[0, 2\).*got a maximum of 2"):
-        top_phase_sample(phases, torch.ones(2), 2)
-    with pytest.raises(ValueError, match=r"`k` must be > 0, got -1"):
+        top_phase_sample(phases, torch.ones(2), 2, validate_args=True)
+    with pytest.raises(ValueError, match=r"`budget` must be > 0, got -1"):
         topk_sample(torch.ones(1, 4), -1)
     with pytest.raises(ValueError, match=r"`scores` must not be NaN at valid chunks"):
-        topk_sample(torch.tensor([[1.0, math.nan]]), 1)
+        topk_sample(torch.tensor([[1.0, math.nan]]), 1, validate_args=True)
     with pytest.raises(ValueError, match=r"`scores` must have 2 dimensions"):
         topk_sample(torch.ones(4), 1)
     with pytest.raises(ValueError, match=r"`valid` must have shape \(1, 4\)"):
@@ -517,3 +517,32 @@ def test_baseline_errors():
     assert topk_sample(
         torch.tensor([[1.0, 3.0, 2.0]]), 2, validate_args=False
     ).indices.tolist() == [[1, 2]]
+
+
+def test_samplers_that_know_their_inclusion_probabilities_fill_them():
+    g = torch.Generator().manual_seed(0)
+    valid = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
+    sel = uniform_sample(valid, 2, generator=g)
+    torch.testing.assert_close(sel.packed_inclusion(), torch.tensor([2 / 6] * 2 + [2 / 3] * 2, dtype=torch.float64))
+    phases = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 1, 2, 2, -1]])
+    sel = stratified_sample(phases, torch.tensor([1, 2, 0]), generator=g)
+    want = torch.tensor([[0.5, 0.5, 2 / 3, 2 / 3, 2 / 3, 0.0], [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]],
+                        dtype=torch.float64)
+    torch.testing.assert_close(sel.packed_inclusion(), want[sel.chunk_mask()])
+    sel = top_phase_sample(phases, torch.tensor([0.1, 0.3, 0.9]), 2, generator=g)
+    # row 0: phase 2 has 1 chunk (pi 1); row 1: phase 2 has 2 chunks, both drawn (pi 1).
+    assert sel.packed_inclusion().tolist() == [1.0, 1.0, 1.0]
+    sel = top_phase_sample(phases, torch.tensor([0.1, 0.9, 0.3]), 1, generator=g)
+    assert sel.packed_inclusion().tolist() == pytest.approx([1 / 3, 1 / 2])
+    weights = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    sel = plackett_luce_sample(weights, 2, generator=g, inclusion=True)
+    pi = inclusion_probabilities(weights, 2)
+    torch.testing.assert_close(sel.packed_inclusion(), pi[sel.chunk_mask()])
+    assert plackett_luce_sample(weights, 2, generator=g).inclusion is None
+    assert topk_sample(weights, 2).inclusion is None
+    budgets = torch.tensor([1])
+    sel = plackett_luce_sample(weights, budgets, generator=g, inclusion=True)
+    assert sel.k == 4 and sel.counts.tolist() == [1]
+    torch.testing.assert_close(sel.packed_inclusion(), inclusion_probabilities(weights, budgets)[sel.chunk_mask()])
+    for selection in (uniform_sample(valid, 3, generator=g), sel):
+        selection.check(values=True)

@@ -102,7 +102,8 @@ def test_rows_by_int_slice_mask_and_index_tensor():
         assert sub.num_chunks.tolist() == [sel.num_chunks[i].item() for i in rows]
         assert sub.k == sel.k and sub.chunks_total == sel.chunks_total
     # The tuple meaning of indexing is untouched: unpacking and sel[0] are the fields.
-    indices, mask, num_chunks, chunks_total = sel
+    indices, mask, num_chunks, chunks_total, inclusion = sel
+    assert inclusion is None
     assert sel[0] is indices and chunks_total == 3
 
 
@@ -113,9 +114,9 @@ def test_rows_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"`index` must lie in \[0, 3\), got 3"):
         sel.rows(3)
     with pytest.raises(ValueError, match=r"`index` must hold rows in \[0, 3\), got values in \[-1, 1\]"):
-        sel.rows(torch.tensor([-1, 1]))
+        sel.rows(torch.tensor([-1, 1]), validate_args=True)
     with pytest.raises(ValueError, match=r"`index` must hold rows in \[0, 3\), got values in \[0, 5\]"):
-        sel.rows(torch.tensor([0, 5]))
+        sel.rows(torch.tensor([0, 5]), validate_args=True)
     with pytest.raises(ValueError, match=r"`index` bool mask must have shape \(3,\).*\(2,\)"):
         sel.rows(torch.tensor([True, False]))
     with pytest.raises(TypeError, match=r"`index` must be an int.*got bool"):
@@ -184,3 +185,47 @@ def test_check_rejects_hand_built_selections():
         good._replace(mask=good.mask[:, :2]).check()
     with pytest.raises(ValueError, match=r"`selection.num_chunks` must lie in \[0, 3\]"):
         good._replace(num_chunks=torch.tensor([4, 1, 3])).check()
+
+
+def test_inclusion_field_is_kept_consistent_and_packed_in_shrink_order():
+    from chunkmask import shrink
+
+    valid = torch.tensor([[True, True, True, False], [True, True, False, False], [True] * 4])
+    chosen = torch.tensor([[True, False, True, False], [False, True, False, False],
+                           [True, True, False, True]])
+    dense = torch.tensor([[0.5, 0.1, 0.25, 0.0], [0.3, 0.75, 0.0, 0.0], [0.2, 0.4, 0.6, 0.8]],
+                         dtype=torch.float64)
+    plain = Selection.from_mask(chosen, valid, k=3)
+    assert plain.inclusion is None and plain.packed_inclusion() is None
+    sel = plain.with_inclusion(dense)
+    assert sel.inclusion.tolist() == [[0.5, 0.25, 1.0], [0.75, 1.0, 1.0], [0.2, 0.4, 0.8]]
+    assert sel.check(values=True) is sel
+    packed = sel.packed_inclusion()
+    torch.testing.assert_close(packed, dense[chosen])
+    torch.testing.assert_close(packed, shrink(dense, sel))  # the order shrink packs in
+    torch.testing.assert_close(sel.packed_inclusion(size=6), packed)
+    rows = sel.rows(torch.tensor([2, 0]))
+    torch.testing.assert_close(rows.packed_inclusion(), torch.cat([dense[2][chosen[2]], dense[0][chosen[0]]]))
+    assert sel.rows(1).inclusion.tolist() == [[0.75, 1.0, 1.0]]
+    both = Selection.cat([sel, sel.rows(0)])
+    torch.testing.assert_close(both.packed_inclusion(), torch.cat([packed, packed[:2]]))
+    assert sel.with_inclusion(None).inclusion is None
+
+
+def test_inclusion_field_errors_name_the_argument():
+    sel = Selection.from_mask(torch.tensor([[True, False, True]]), k=2)
+    with pytest.raises(TypeError, match=r"`inclusion` must have a float dtype"):
+        sel.with_inclusion(torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"`inclusion` must have shape \(1, 3\)"):
+        sel.with_inclusion(torch.ones(1, 2))
+    with pytest.raises(ValueError, match=r"`selection.inclusion` must have shape \(1, 2\)"):
+        sel._replace(inclusion=torch.ones(1, 3)).check()
+    bad = sel._replace(inclusion=torch.tensor([[0.0, 1.0]]))
+    bad.check(values=False)  # metadata only: no value check without asking
+    with pytest.raises(ValueError, match=r"`selection.inclusion` must lie in \(0, 1\] at selected"):
+        bad.check(values=True)
+    with pytest.raises(ValueError, match=r"`selection.inclusion` must lie in \(0, 1\].*got \[0.5\]"):
+        flagged = Selection.from_mask(torch.tensor([[True, False, False]]), k=2)
+        flagged._replace(inclusion=torch.tensor([[1.0, 0.5]])).check(values=True)
+    with pytest.raises(ValueError, match=r"`selections\[1\]` must carry `inclusion` exactly when"):
+        Selection.cat([sel.with_inclusion(torch.ones(1, 3)), sel])

@@ -119,11 +119,11 @@ def test_shrink_errors():
     with pytest.raises(ValueError, match=r"`tree`.*\(3,\)"):
         shrink(torch.zeros(3), sel)
     with pytest.raises(ValueError, match="`size` must equal.*6, got 5"):
-        shrink(torch.zeros(2, 3), sel, size=5)
+        shrink(torch.zeros(2, 3), sel, size=5, validate_args=True)
     with pytest.raises(ValueError, match="`size` must be >= 0"):
         shrink(torch.zeros(2, 3), sel, size=-1)
     with pytest.raises(ValueError, match=r"`tree\[0\]`.*6 packed items.*\(5,\)"):
-        unshrink([torch.zeros(5)], sel)
+        unshrink([torch.zeros(5)], sel, validate_args=True)
     with pytest.raises(ValueError, match="`tree`.*0-d"):
         unshrink(torch.tensor(1.0), sel)
     with pytest.raises(TypeError, match="`selection`"):

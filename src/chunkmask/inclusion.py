@@ -45,12 +45,15 @@ def _poisson_binomial_prefix(q: Tensor, k: int) -> Tensor:
 
 def inclusion_probabilities(
     weights: Real[Tensor, "traj chunk"],
-    k: int | Integer[Tensor, " traj"],
+    budget: int | Integer[Tensor, " traj"],
     *,
     valid: Bool[Tensor, "traj chunk"] | None = None,
     num_nodes: int = 64,
 ) -> Float64[Tensor, "traj chunk"]:
     r"""Exact first-order inclusion probabilities $\pi_t = P(t \in S)$ of `plackett_luce_sample`.
+
+    `plackett_luce_sample(..., inclusion=True)` calls it and stores the probabilities of the
+    selected chunks in `Selection.inclusion`; call it directly for every chunk's $\pi$.
 
     Successive sampling is a race of exponential clocks $T_j \sim \mathrm{Exp}(w_j)$: the sample
     is the $k$ first clocks to fire. Hence
@@ -87,9 +90,9 @@ def inclusion_probabilities(
 
     Args:
         weights: `(traj, chunk)` non-negative chunk weights, as given to `plackett_luce_sample`.
-        k: the number of draws per trajectory $k \ge 1$, or a `(traj,)` integer tensor of
-            per-trajectory budgets $b_i \ge 0$ (as `plackett_luce_sample`'s `budgets`); a budget
-            of 0 gives $\pi = 0$.
+        budget: the number of draws per trajectory $k \ge 1$, or a `(traj,)` integer tensor of
+            per-trajectory budgets $b_i \ge 0$ (as `plackett_luce_sample`'s tensor `budget`); a
+            budget of 0 gives $\pi = 0$.
         valid: `(traj, chunk)` bool, False at padding. Defaults to all True.
         num_nodes: number of Gauss-Legendre nodes (>= 1).
 
@@ -97,10 +100,10 @@ def inclusion_probabilities(
         `(traj, chunk)` float64 inclusion probabilities in $[0, 1]$.
 
     Raises:
-        TypeError: if `weights` is not floating point, `valid` not bool, or `k`/`num_nodes` not
-            an int.
-        ValueError: if shapes disagree, `k` or `num_nodes` is not positive, or a valid weight is
-            negative or not finite.
+        TypeError: if `weights` is not floating point, `valid` not bool, or `budget`/`num_nodes`
+            not an int.
+        ValueError: if shapes disagree, `budget` or `num_nodes` is not positive, or a valid
+            weight is negative or not finite.
 
     Examples:
         >>> import torch
@@ -110,16 +113,16 @@ def inclusion_probabilities(
     """
     check_tensor(weights, "weights", ndim=2, dtypes="float")
     num_nodes = check_positive_int(num_nodes, "num_nodes")
-    if isinstance(k, Tensor):
-        check_tensor(k, "k", ndim=1, dtypes="int")
-        check_shape(k, "k", (weights.shape[0],))
-        check_same_device(k, "k", weights, "weights")
-        if k.numel() and int(k.min()) < 0:
-            raise ValueError(f"`k` must be >= 0 per trajectory, got {int(k.min())}.")
-        row_k = k.to(torch.int64)
+    if isinstance(budget, Tensor):
+        check_tensor(budget, "budget", ndim=1, dtypes="int")
+        check_shape(budget, "budget", (weights.shape[0],))
+        check_same_device(budget, "budget", weights, "weights")
+        if budget.numel() and int(budget.min()) < 0:
+            raise ValueError(f"`budget` must be >= 0 per trajectory, got {int(budget.min())}.")
+        row_k = budget.to(torch.int64)
     else:
-        k = check_positive_int(k, "k")
-        row_k = torch.full((weights.shape[0],), k, dtype=torch.int64, device=weights.device)
+        budget = check_positive_int(budget, "budget")
+        row_k = torch.full((weights.shape[0],), budget, dtype=torch.int64, device=weights.device)
     valid = resolve_valid(valid, weights, ref_name="weights")
     check_finite_nonnegative(weights, "weights", valid, " at valid chunks")
     w = weights.detach().to(torch.float64)

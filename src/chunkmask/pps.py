@@ -8,8 +8,9 @@ Neyman allocation taken to single chunks. No gradient norm is known before the b
 rollout's own log-probabilities, and `|A_i|` times it is the proxy the evidence study uses (a chunk
 with advantage 0 has no policy gradient and is never drawn). Drawing is systematic PPS sampling
 (Madow, 1949): exactly $K$ chunks (when $\sum \pi = K$ is whole) with exactly the inclusion
-probabilities $\pi$, in one pass and with no rejection. Pass the returned probabilities as
-`inclusion` to `masked_grpo_loss(..., estimator="horvitz_thompson")`.
+probabilities $\pi$, in one pass and with no rejection. The returned `Selection` carries the
+probabilities of its chunks (`Selection.inclusion`); `selection.packed_inclusion()` is what the
+Horvitz-Thompson estimator of `masked_grpo_loss(..., estimator="horvitz_thompson")` reads.
 """
 
 from typing import Literal
@@ -35,10 +36,10 @@ __all__ = ["chunk_score_norm", "pps_inclusion", "pps_sample"]
 
 def pps_inclusion(
     sizes: Float[Tensor, "*batch unit"],
-    total: "int | Tensor",
+    budget: "int | Tensor",
     valid: Bool[Tensor, "*batch unit"] | None = None,
 ) -> Float[Tensor, "*batch unit"]:
-    r"""Inclusion probabilities proportional to size, capped at 1, summing to `total` per row.
+    r"""Inclusion probabilities proportional to size, capped at 1, summing to `budget` per row.
 
     $$
     \pi_t = \min(1, c\, s_t), \qquad \sum_t \pi_t = \min(K, |\{t : s_t > 0\}|),
@@ -49,7 +50,7 @@ def pps_inclusion(
 
     Args:
         sizes: `(*batch, unit)` non-negative, finite size proxies.
-        total: the expected sample size $K \ge 0$ per row: an int, or an integer tensor of shape
+        budget: the expected sample size $K \ge 0$ per row: an int, or an integer tensor of shape
             `*batch`.
         valid: `(*batch, unit)` bool, False for units that cannot be drawn (default: all).
 
@@ -57,8 +58,8 @@ def pps_inclusion(
         float64 probabilities in `[0, 1]`, the shape of `sizes`.
 
     Raises:
-        TypeError: on a non-float `sizes`, a non-bool `valid` or a non-integer `total`.
-        ValueError: on mismatched shapes, a negative `total`, or a negative or non-finite valid
+        TypeError: on a non-float `sizes`, a non-bool `valid` or a non-integer `budget`.
+        ValueError: on mismatched shapes, a negative `budget`, or a negative or non-finite valid
             size.
 
     Example:
@@ -72,18 +73,18 @@ def pps_inclusion(
     valid = resolve_mask(valid, "valid", sizes, "sizes")
     check_finite_nonnegative(sizes, "sizes", valid, " at valid units")
     batch_shape = sizes.shape[:-1]
-    if isinstance(total, Tensor):
-        check_tensor(total, "total", dtypes="int")
-        if total.shape != batch_shape:
+    if isinstance(budget, Tensor):
+        check_tensor(budget, "budget", dtypes="int")
+        if budget.shape != batch_shape:
             raise ValueError(
-                f"`total` must be an int or have shape {tuple(batch_shape)} (the rows of `sizes`), "
-                f"got {tuple(total.shape)}."
+                f"`budget` must be an int or have shape {tuple(batch_shape)} (the rows of "
+                f"`sizes`), got {tuple(budget.shape)}."
             )
-        if bool((total < 0).any()):
-            raise ValueError(f"`total` must be >= 0, got {total.min().item()}.")
-        k = total.to(device=sizes.device, dtype=torch.float64)
+        if bool((budget < 0).any()):
+            raise ValueError(f"`budget` must be >= 0, got {budget.min().item()}.")
+        k = budget.to(device=sizes.device, dtype=torch.float64)
     else:
-        k = torch.full(batch_shape, float(check_positive_int(total, "total", allow_zero=True)),
+        k = torch.full(batch_shape, float(check_positive_int(budget, "budget", allow_zero=True)),
                        dtype=torch.float64, device=sizes.device)
     s = torch.where(valid, sizes.to(torch.float64), 0.0)
     if s.shape[-1] == 0:
@@ -124,8 +125,8 @@ def pps_sample(
     valid: Bool[Tensor, "traj chunk"] | None = None,
     scope: Literal["batch", "trajectory"] = "batch",
     generator: torch.Generator | None = None,
-) -> tuple[Selection, Float[Tensor, "traj chunk"]]:
-    r"""Draw chunks with probability proportional to `sizes`; return them and their $\pi$.
+) -> Selection:
+    r"""Draw chunks with probability proportional to `sizes`; the Selection carries their $\pi$.
 
     With `scope="batch"` the whole batch shares one expected total of `budget` chunks per
     trajectory, $K = B \cdot \text{traj}$ (the Neyman allocation across trajectories as well as
@@ -133,8 +134,10 @@ def pps_sample(
     `scope="trajectory"` each row draws its own `budget` (an int or a `(traj,)` integer tensor).
     The draw is systematic PPS: each chunk is drawn with probability exactly $\pi_t$
     (`pps_inclusion`), and the number drawn per scope is $\lfloor\sum\pi\rfloor$ or
-    $\lceil\sum\pi\rceil$. Unbiased with `masked_grpo_loss(..., estimator="horvitz_thompson",
-    inclusion=...)` for every chunk whose gradient can be non-zero, i.e. has a positive size.
+    $\lceil\sum\pi\rceil$. Unbiased with `masked_grpo_loss(..., estimator="horvitz_thompson")`,
+    which reads `selection.packed_inclusion()`, for every chunk whose gradient can be non-zero,
+    i.e. has a positive size. Pass `valid` to `pps_inclusion` to get the dense `(traj, chunk)`
+    probabilities of every chunk (0 at chunks that can never be drawn).
 
     Args:
         sizes: `(traj, chunk)` non-negative size proxies, e.g. `advantages.abs()[:, None] *
@@ -146,8 +149,8 @@ def pps_sample(
         generator: optional CPU `torch.Generator`.
 
     Returns:
-        `(selection, inclusion)`: a `Selection` with `chunk` slots and the `(traj, chunk)` float64
-        inclusion probabilities (0 at chunks that can never be drawn).
+        A `Selection` with `chunk` slots whose `inclusion` holds the float64 probability
+        $\pi_t$ of each selected chunk.
 
     Raises:
         TypeError: on a non-float `sizes`, a non-bool `valid`, a non-integer `budget`, a
@@ -160,11 +163,13 @@ def pps_sample(
     Example:
         >>> import torch
         >>> sizes = torch.tensor([[3.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-        >>> sel, pi = pps_sample(sizes, 1, generator=torch.Generator().manual_seed(0))
-        >>> pi.tolist()  # K = 2 chunks for the batch, proportional to size
-        [[0.75, 0.25, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]
-        >>> int(sel.counts.sum())
+        >>> sel = pps_sample(sizes, 1, generator=torch.Generator().manual_seed(0))
+        >>> int(sel.counts.sum())  # K = 2 chunks for the batch, proportional to size
         2
+        >>> sel.packed_inclusion().tolist()  # pi of the two drawn chunks
+        [0.25, 0.25]
+        >>> pps_inclusion(sizes.reshape(1, -1), 2).reshape(2, 4).tolist()  # pi of every chunk
+        [[0.75, 0.25, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]
     """
     check_tensor(sizes, "sizes", ndim=2, dtypes="float")
     check_option(scope, "scope", ("batch", "trajectory"))
@@ -188,7 +193,7 @@ def pps_sample(
         pi = pps_inclusion(sizes, budget, valid)
     drawn = _systematic(pi.reshape(1, -1) if scope == "batch" else pi, generator)
     drawn = drawn.reshape(n_traj, n_chunk) & valid & (pi > 0)
-    return Selection.from_mask(drawn, valid), pi
+    return Selection.from_mask(drawn, valid).with_inclusion(pi)
 
 
 def chunk_score_norm(

@@ -1,8 +1,14 @@
-"""Chunk selectors: Plackett-Luce, stratified and the ablation baselines, plus inclusion probabilities.
+"""Chunk selectors: Plackett-Luce, stratified and the ablation baselines.
 
-Every selector returns a `chunkmask.selection.Selection` of fixed width `k`: the selected chunk
-indices of each trajectory in ascending order, a prefix mask, the number of valid chunks and the
-padded length. See Anonymous et al. (2026), Probabilistic Chunk Masking, arXiv 2605.16154.
+Every selector returns a `chunkmask.selection.Selection` of fixed width `k` (its slot count): the
+selected chunk indices of each trajectory in ascending order, a prefix mask, the number of valid
+chunks and the padded length, and, where the selector knows them, the inclusion probabilities
+of the selected chunks (`Selection.inclusion`, read by `Selection.packed_inclusion()`). The
+uniform, stratified and top-phase designs have closed-form probabilities and always carry them;
+Plackett-Luce's are computed by `chunkmask.inclusion.inclusion_probabilities` (quadrature, with a
+host sync) only when asked, `plackett_luce_sample(..., inclusion=True)`; the deterministic
+`topk_sample` carries none. See Anonymous et al. (2026), Probabilistic Chunk Masking,
+arXiv 2605.16154.
 """
 
 import torch
@@ -10,6 +16,7 @@ from jaxtyping import Bool, Integer, Real
 from torch import Tensor
 
 from chunkmask._checks import (
+    check_bool,
     check_finite_nonnegative,
     check_generator,
     check_positive_int,
@@ -18,6 +25,7 @@ from chunkmask._checks import (
     check_tensor,
     resolve_valid,
 )
+from chunkmask.inclusion import inclusion_probabilities
 from chunkmask.selection import Selection
 
 __all__ = [
@@ -60,14 +68,15 @@ def _uniform(
 
 def plackett_luce_sample(
     weights: Real[Tensor, "traj chunk"],
-    k: int,
+    budget: int | Integer[Tensor, " traj"],
     *,
+    slots: int | None = None,
     valid: Bool[Tensor, "traj chunk"] | None = None,
     generator: torch.Generator | None = None,
-    budgets: Integer[Tensor, " traj"] | None = None,
-    validate_args: bool = True,
+    inclusion: bool = False,
+    validate_args: bool = False,
 ) -> Selection:
-    r"""Draw `k` distinct chunks per trajectory by successive weighted sampling (Plackett-Luce).
+    r"""Draw `budget` distinct chunks per trajectory by successive weighted sampling (Plackett-Luce).
 
     $$
     P(t_1, \dots, t_k) = \prod_{j=1}^{k}
@@ -91,9 +100,9 @@ def plackett_luce_sample(
           them within about $[10^{-30}, 10^{30}]$ in float32 (a subnormal weight can round its key
           to 0 and count as zero).
         - Padding (`valid` False) and zero weights get a key of 0 (every usable key is negative)
-          and are never drawn. When fewer than `k` chunks have a positive weight, all of them are
-          taken and the other slots are flagged (`mask` False, index 0). `k > N` is allowed: the
-          extra slots are flagged too.
+          and are never drawn. When fewer than `budget` chunks have a positive weight, all of
+          them are taken and the other slots are flagged (`mask` False, index 0). `slots > N` is
+          allowed: the extra slots are flagged too.
         - `num_chunks` counts the valid chunks $T_i$ (the `valid` mask), not only those with a
           positive weight: it is the full-length normaliser of the Horvitz-Thompson estimator.
         - With `validate_args=False` the function has static shapes and no host synchronisation,
@@ -107,28 +116,35 @@ def plackett_luce_sample(
         - A `generator` on another device than `weights` (a CPU generator with CUDA weights) is
           honoured: the uniforms are drawn on the generator's device and then moved, so the
           selection depends only on the generator's state.
-        - `budgets` gives each trajectory its own number of draws $b_i \le k$ (e.g.
+        - A `(traj,)` tensor `budget` gives each trajectory its own number of draws $b_i$ (e.g.
           `advantage_aware_budgets`): row $i$ keeps its first $b_i$ draws in race order, which is
-          a Plackett-Luce sample of size $b_i$; the Selection keeps `k` slots (static shapes).
+          a Plackett-Luce sample of size $b_i$; the Selection keeps `slots` slots (static shapes).
+        - `inclusion=True` also fills `Selection.inclusion` with the exact first-order inclusion
+          probabilities (`inclusion_probabilities(weights, budget, valid=valid)`): Gauss-Legendre
+          quadrature in float64, a few hundred ms at 80 x 64 on one CPU core, with a host sync.
 
     Args:
         weights: `(traj, chunk)` non-negative chunk weights $w_{i,t}$ (e.g. $p_{\phi(i,t)}$);
             they need not sum to one and must carry no gradient.
-        k: number of slots per trajectory, the budget $B \ge 1$.
+        budget: chunks to draw per trajectory, $B \ge 1$ (an int), or a `(traj,)` integer
+            tensor of per-trajectory budgets $b_i$ in `[0, slots]`.
+        slots: the Selection's slot count `k`: defaults to `budget` for an int budget (and must
+            be at least it) and to the chunk count `N` for a tensor budget.
         valid: `(traj, chunk)` bool, False at padding. Defaults to all True.
         generator: optional `torch.Generator` for reproducible draws.
-        budgets: `(traj,)` integer per-trajectory budgets in `[0, k]`, or None for `k` each.
-        validate_args: check that valid weights are finite and non-negative and that `budgets`
-            lie in `[0, k]` (one host sync).
+        inclusion: also compute the inclusion probabilities into `Selection.inclusion`.
+        validate_args: check that valid weights are finite and non-negative and that a tensor
+            `budget` lies in `[0, slots]` (one host sync).
 
     Returns:
-        A `Selection` with `k` slots per trajectory.
+        A `Selection` with `slots` slots per trajectory.
 
     Raises:
-        TypeError: if `weights` is not floating point, `valid` not bool, `k` not an int, or
-            `generator` not a `torch.Generator`.
-        ValueError: if shapes disagree, `k <= 0`, or (with `validate_args`) a valid weight is
-            negative or not finite.
+        TypeError: if `weights` is not floating point, `valid` not bool, `budget` neither an int
+            nor an integer tensor, `slots` not an int, or `generator` not a `torch.Generator`.
+        ValueError: if shapes disagree, `budget` or `slots` is not positive, `slots < budget`,
+            or (with `validate_args`) a valid weight is negative or not finite or a tensor
+            `budget` lies outside `[0, slots]`.
 
     Examples:
         >>> import torch
@@ -141,20 +157,31 @@ def plackett_luce_sample(
         ([2, 0, 0], [5, 5], 5)
     """
     check_tensor(weights, "weights", ndim=2, dtypes="float")
-    k = check_positive_int(k, "k")
-    if valid is not None:
-        valid = resolve_valid(valid, weights, ref_name="weights")
-    check_generator(generator)
-    if budgets is not None:
-        check_tensor(budgets, "budgets", ndim=1, dtypes="int")
-        check_shape(budgets, "budgets", (weights.shape[0],))
-        check_same_device(budgets, "budgets", weights, "weights")
+    if slots is not None:
+        slots = check_positive_int(slots, "slots")
+    budgets = None
+    if isinstance(budget, Tensor):
+        budgets = budget
+        check_tensor(budgets, "budget", ndim=1, dtypes="int")
+        check_shape(budgets, "budget", (weights.shape[0],))
+        check_same_device(budgets, "budget", weights, "weights")
+        k = max(weights.shape[1], 1) if slots is None else slots
         if validate_args and budgets.numel():
             low, high = torch.aminmax(budgets)
             if int(low) < 0 or int(high) > k:
                 raise ValueError(
-                    f"`budgets` must lie in [0, `k`={k}], got values in [{int(low)}, {int(high)}]."
+                    f"`budget` must lie in [0, `slots`={k}], got values in "
+                    f"[{int(low)}, {int(high)}]."
                 )
+    else:
+        budget = check_positive_int(budget, "budget")
+        k = budget if slots is None else slots
+        if k < budget:
+            raise ValueError(f"`slots` must be at least `budget` ({budget}), got {k}.")
+    if valid is not None:
+        valid = resolve_valid(valid, weights, ref_name="weights")
+    check_generator(generator)
+    check_bool(inclusion, "inclusion")
     with torch.no_grad():
         dtype = torch.float64 if weights.dtype == torch.float64 else torch.float32
         w = weights.detach()
@@ -173,7 +200,8 @@ def plackett_luce_sample(
         # keys >= 0 or NaN, which `topk(largest=False)` ranks last and `ok` flags.
         keys = torch.div(w, u.clamp_min_(torch.finfo(dtype).tiny).log_())
         # With budgets the draw order matters (row i keeps its first b_i draws): sort the top k.
-        top = torch.topk(keys, min(k, n), dim=1, largest=False, sorted=budgets is not None)
+        width = min(k if budgets is not None else budget, n)
+        top = torch.topk(keys, width, dim=1, largest=False, sorted=budgets is not None)
         ok = top.values < 0
         if budgets is not None:
             rank = torch.arange(top.indices.shape[1], device=weights.device)
@@ -182,7 +210,20 @@ def plackett_luce_sample(
             num_chunks = torch.full((num_traj,), n, dtype=torch.int64, device=weights.device)
         else:
             num_chunks = valid.sum(1)
-        return _selection_from_picks(top.indices, ok, k, num_chunks, n)
+        selection = _selection_from_picks(top.indices, ok, k, num_chunks, n)
+    if inclusion:
+        pi = inclusion_probabilities(weights, budget, valid=valid)
+        selection = selection.with_inclusion(pi.to(weights.device))
+    return selection
+
+
+def _design_inclusion(
+    selection: Selection, take: Tensor, size: Tensor, where: Tensor
+) -> Selection:
+    """Attach the inclusion probabilities `min(take, size) / size` of a uniform draw at `where`."""
+    size = size.to(torch.float64)
+    pi = torch.where(where, take.to(torch.float64).minimum(size) / size.clamp_min(1.0), 0.0)
+    return selection.with_inclusion(pi)
 
 
 def stratified_sample(
@@ -198,7 +239,8 @@ def stratified_sample(
     chunks of phase $c$ uniformly without replacement. This is the stratified estimator that
     Theorem 1 analyses; with $b_c$ from `chunkmask.allocation.neyman_allocation` it is the
     Neyman-optimal design of Eq. (6) of Anonymous et al. (2026), Probabilistic Chunk Masking,
-    arXiv 2605.16154. Inclusion probabilities are $\pi_t = \min(b_c, N_c) / N_c$.
+    arXiv 2605.16154. Inclusion probabilities are $\pi_t = \min(b_c, N_c) / N_c$; the
+    returned Selection carries them (`Selection.inclusion`).
 
     Notes:
         - Counts above a phase's availability are capped at $N_{i,c}$ (the surplus is not moved
@@ -215,7 +257,7 @@ def stratified_sample(
         generator: optional `torch.Generator` for reproducible draws.
 
     Returns:
-        A `Selection` with `k = max_i sum_c b_{i,c}` slots.
+        A `Selection` with `k = max_i sum_c b_{i,c}` slots and `inclusion` filled.
 
     Raises:
         TypeError: if `phases` or `allocation` is not integer or `valid` not bool.
@@ -279,19 +321,22 @@ def stratified_sample(
     quota = torch.cat([alloc, torch.zeros_like(alloc[:, :1])], dim=1)
     chosen_sorted = rank < torch.gather(quota, 1, sorted_phase)
     chosen = torch.zeros_like(valid).scatter(1, order, chosen_sorted)
-    return Selection.from_mask(chosen, valid, k=k)
+    selection = Selection.from_mask(chosen, valid, k=k)
+    take = torch.gather(quota, 1, phase)
+    return _design_inclusion(selection, take, torch.gather(sizes, 1, phase), valid)
 
 
 def uniform_sample(
     valid: Bool[Tensor, "traj chunk"],
-    k: int,
+    budget: int,
     *,
     generator: torch.Generator | None = None,
 ) -> Selection:
-    r"""Draw `k` valid chunks per trajectory uniformly without replacement (random masking).
+    r"""Draw `budget` valid chunks per trajectory uniformly without replacement (random masking).
 
     $$
-    P(S) = \binom{T_i}{k}^{-1}, \qquad |S| = \min(k, T_i),
+    P(S) = \binom{T_i}{B}^{-1}, \qquad |S| = \min(B, T_i), \qquad
+    \pi_{i,t} = \frac{\min(B, T_i)}{T_i},
     $$
 
     the "random masking" ablation (RQ4) of Anonymous et al. (2026), Probabilistic Chunk Masking,
@@ -299,15 +344,16 @@ def uniform_sample(
 
     Args:
         valid: `(traj, chunk)` bool, False at padding.
-        k: number of slots per trajectory (>= 1); rows with fewer valid chunks take all of them.
+        budget: chunks per trajectory `B` (>= 1), also the slot count; rows with fewer valid
+            chunks take all of them.
         generator: optional `torch.Generator`.
 
     Returns:
-        A `Selection` with `k` slots.
+        A `Selection` with `budget` slots and `inclusion` filled.
 
     Raises:
-        TypeError: if `valid` is not bool or `k` not an int.
-        ValueError: if `valid` is not 2-D or `k <= 0`.
+        TypeError: if `valid` is not bool or `budget` not an int.
+        ValueError: if `valid` is not 2-D or `budget <= 0`.
 
     Examples:
         >>> import torch
@@ -318,29 +364,35 @@ def uniform_sample(
     """
     check_tensor(valid, "valid", ndim=2, dtypes="bool")
     weights = torch.ones(valid.shape, dtype=torch.float32, device=valid.device)
-    return plackett_luce_sample(weights, k, valid=valid, generator=generator, validate_args=False)
+    selection = plackett_luce_sample(
+        weights, budget, valid=valid, generator=generator, validate_args=False
+    )
+    take = torch.full_like(selection.num_chunks, selection.k)
+    return _design_inclusion(selection, take[:, None], selection.num_chunks[:, None], valid)
 
 
 def top_phase_sample(
     phases: Integer[Tensor, "traj chunk"],
     scores: Real[Tensor, " phase"] | Real[Tensor, "traj phase"],
-    k: int,
+    budget: int,
     *,
     valid: Bool[Tensor, "traj chunk"] | None = None,
     generator: torch.Generator | None = None,
-    validate_args: bool = True,
+    validate_args: bool = False,
 ) -> Selection:
-    r"""Draw `k` chunks uniformly from the single highest-scoring phase present in each trajectory.
+    r"""Draw `budget` chunks uniformly from the single highest-scoring phase present in each trajectory.
 
     $$
     c_i^\star = \arg\max_{c \,:\, N_{i,c} > 0} V_c, \qquad
-    S_i \sim \mathrm{Uniform}\Bigl(\tbinom{\{t : \phi(i,t) = c_i^\star\}}{\min(k, N_{i,c^\star})}\Bigr)
+    S_i \sim \mathrm{Uniform}\Bigl(\tbinom{\{t : \phi(i,t) = c_i^\star\}}{\min(B, N_{i,c^\star})}\Bigr),
+    \qquad \pi_{i,t} = \frac{\min(B, N_{i,c^\star})}{N_{i,c^\star}} [\phi(i,t) = c_i^\star]
     $$
 
     The "full masking" ablation (RQ4) of Anonymous et al. (2026), Probabilistic Chunk Masking,
     arXiv 2605.16154, which trains only on the most outcome-divergent phase. If that phase holds
-    fewer than `k` chunks, all of them are taken and the other slots are flagged: the budget is not
-    topped up from other phases.
+    fewer than `budget` chunks, all of them are taken and the other slots are flagged: the budget
+    is not topped up from other phases. The Selection carries the inclusion probabilities above
+    (0 outside the top phase, so a Horvitz-Thompson estimate from it is not unbiased).
 
     Notes:
         - Ties between phase scores go to the lower phase id. NaN scores are rejected; a score of
@@ -351,20 +403,20 @@ def top_phase_sample(
     Args:
         phases: `(traj, chunk)` integer phase ids in `[0, phase)`.
         scores: per-phase scores $V_c$, `(phase,)` shared or `(traj, phase)`.
-        k: number of slots per trajectory (>= 1).
+        budget: chunks per trajectory `B` (>= 1), also the slot count.
         valid: `(traj, chunk)` bool, False at padding. Defaults to `phases >= 0`.
         generator: optional `torch.Generator`.
         validate_args: check that no score is NaN and that valid phase ids are in range (one
             host sync). Without it, valid chunks with an out-of-range id are never drawn.
 
     Returns:
-        A `Selection` with `k` slots.
+        A `Selection` with `budget` slots and `inclusion` filled.
 
     Raises:
-        TypeError: if `phases` is not integer, `scores` not real, `valid` not bool or `k` not an
-            int.
-        ValueError: if shapes disagree, `k <= 0`, or (with `validate_args`) a score is NaN or a
-            valid chunk has a phase id outside `[0, phase)`.
+        TypeError: if `phases` is not integer, `scores` not real, `valid` not bool or `budget`
+            not an int.
+        ValueError: if shapes disagree, `budget <= 0`, or (with `validate_args`) a score is NaN
+            or a valid chunk has a phase id outside `[0, phase)`.
 
     Examples:
         >>> import torch
@@ -377,7 +429,7 @@ def top_phase_sample(
     check_tensor(phases, "phases", ndim=2, dtypes="int")
     check_tensor(scores, "scores", ndim=(1, 2), dtypes=("int", "float"))
     check_same_device(scores, "scores", phases, "phases")
-    k = check_positive_int(k, "k")
+    budget = check_positive_int(budget, "budget")
     num_traj, n = phases.shape
     if scores.ndim == 2 and scores.shape[0] != num_traj:
         raise ValueError(
@@ -412,20 +464,24 @@ def top_phase_sample(
     top = torch.argmax(key, dim=1)
     in_top = valid & (phase == top[:, None])
     weights = in_top.to(torch.float32)
-    return plackett_luce_sample(weights, k, valid=valid, generator=generator, validate_args=False)
+    selection = plackett_luce_sample(
+        weights, budget, valid=valid, generator=generator, validate_args=False
+    )
+    take = torch.full((num_traj, 1), budget, dtype=torch.int64, device=phases.device)
+    return _design_inclusion(selection, take, in_top.sum(1, keepdim=True), in_top)
 
 
 def topk_sample(
     scores: Real[Tensor, "traj chunk"],
-    k: int,
+    budget: int,
     *,
     valid: Bool[Tensor, "traj chunk"] | None = None,
-    validate_args: bool = True,
+    validate_args: bool = False,
 ) -> Selection:
-    r"""Keep the `k` valid chunks with the highest score in each trajectory (deterministic).
+    r"""Keep the `budget` valid chunks with the highest score in each trajectory (deterministic).
 
     $$
-    S_i = \operatorname{top-}k_{\,t \,:\, \text{valid}}\; h_{i,t}
+    S_i = \operatorname{top-}B_{\,t \,:\, \text{valid}}\; h_{i,t}
     $$
 
     For example $h$ = the policy entropy of each chunk: the entropy top-k baseline of Appendix C
@@ -435,19 +491,22 @@ def topk_sample(
         - Ties are broken towards the lower chunk index, so the result is deterministic. Any
           valid chunk, including one scoring $-\infty$, ranks above padding.
         - NaN scores at valid chunks are rejected.
+        - A deterministic rule has no inclusion probabilities: `Selection.inclusion` is None.
 
     Args:
         scores: `(traj, chunk)` per-chunk scores $h_{i,t}$.
-        k: number of slots per trajectory (>= 1); rows with fewer valid chunks take all.
+        budget: chunks per trajectory `B` (>= 1), also the slot count; rows with fewer valid
+            chunks take all.
         valid: `(traj, chunk)` bool, False at padding. Defaults to all True.
         validate_args: check that no valid score is NaN (one host sync).
 
     Returns:
-        A `Selection` with `k` slots.
+        A `Selection` with `budget` slots.
 
     Raises:
-        TypeError: if `scores` is not real, `valid` not bool, or `k` not an int.
-        ValueError: if shapes disagree, `k <= 0`, or (with `validate_args`) a valid score is NaN.
+        TypeError: if `scores` is not real, `valid` not bool, or `budget` not an int.
+        ValueError: if shapes disagree, `budget <= 0`, or (with `validate_args`) a valid score is
+            NaN.
 
     Examples:
         >>> import torch
@@ -456,7 +515,7 @@ def topk_sample(
         [[1, 2], [0, 2]]
     """
     check_tensor(scores, "scores", ndim=2, dtypes=("int", "float"))
-    k = check_positive_int(k, "k")
+    k = check_positive_int(budget, "budget")
     valid = resolve_valid(valid, scores, ref_name="scores")
     if validate_args and bool((valid & torch.isnan(scores)).any()):
         raise ValueError("`scores` must not be NaN at valid chunks.")

@@ -84,6 +84,10 @@ class PhaseScoreBuffer:
           reduced step score equal the $V_c$ of the union batch whenever each group lives on one
           rank; without `weight` each rank's score counts once. Every rank must call `update`
           the same number of times.
+        - The step counters (`num_updates` and the steps into the current window) are 0-d int64
+          tensors on the device of the scores, updated with tensor ops: `update` has no Python
+          branch on the step, so `torch.compile` reuses one graph for every step, and
+          `state_dict` / `load_state_dict` round-trip them (as 0-d tensors; plain ints load too).
 
     Args:
         num_phases: number of phases $C$.
@@ -143,8 +147,8 @@ class PhaseScoreBuffer:
         self._window_count = torch.zeros(c, dtype=torch.int64)
         self._window_weighted_sum = torch.zeros(c, dtype=torch.float64)
         self._window_weight = torch.zeros(c, dtype=torch.float64)
-        self._window_steps = 0
-        self._num_updates = 0
+        self._window_steps = torch.zeros((), dtype=torch.int64)
+        self._num_updates = torch.zeros((), dtype=torch.int64)
 
     @property
     def keep_probabilities(self) -> Float[Tensor, " phase"]:
@@ -152,9 +156,9 @@ class PhaseScoreBuffer:
         return self._keep.clone()
 
     @property
-    def num_updates(self) -> int:
-        """Number of `update` calls since construction or the last `reset`."""
-        return self._num_updates
+    def num_updates(self) -> Tensor:
+        """Number of `update` calls since construction or the last `reset`, a 0-d int64 tensor."""
+        return self._num_updates.clone()
 
     def _to(self, device: torch.device) -> None:
         if self._keep.device != device:
@@ -163,6 +167,8 @@ class PhaseScoreBuffer:
             self._window_count = self._window_count.to(device)
             self._window_weighted_sum = self._window_weighted_sum.to(device)
             self._window_weight = self._window_weight.to(device)
+            self._window_steps = self._window_steps.to(device)
+            self._num_updates = self._num_updates.to(device)
 
     def update(
         self,
@@ -170,7 +176,7 @@ class PhaseScoreBuffer:
         defined: Bool[Tensor, " phase"] | None = None,
         *,
         weight: Float[Tensor, " phase"] | None = None,
-        validate_args: bool = True,
+        validate_args: bool = False,
     ) -> Float[Tensor, " phase"]:
         """Append one batch's phase scores and return the keep probabilities for this step.
 
@@ -221,28 +227,30 @@ class PhaseScoreBuffer:
             step_defined, stats[0] / torch.where(step_defined, stats[1], 1.0), 0.0
         )
 
-        self._num_updates += 1
+        # The counters are tensors and every step runs the same ops (no Python branch on the
+        # step), so a compiled `update` is one graph for every step.
+        self._num_updates = self._num_updates + 1
         self._window_sum = self._window_sum + step_score
         self._window_count = self._window_count + step_defined.to(torch.int64)
         self._window_weighted_sum = self._window_weighted_sum + stats[0]
         self._window_weight = self._window_weight + stats[1]
-        self._window_steps += 1
-        if self._num_updates == 1:
-            self._keep = self._map(step_score, step_defined & (stats[1] >= self.min_groups))
-        if self._window_steps >= self.refresh_every:
-            window_defined = (self._window_count > 0) & (self._window_weight >= self.min_groups)
-            if self.window == "weighted":
-                weight_sum = torch.where(window_defined, self._window_weight, 1.0)
-                mean = self._window_weighted_sum / weight_sum
-            else:
-                mean = self._window_sum / self._window_count.clamp_min(1)  # Eq. 7
-            fresh = self._map(mean, window_defined)
-            self._keep = torch.where(window_defined.any(), fresh, self._keep)
-            self._window_sum = torch.zeros_like(self._window_sum)
-            self._window_count = torch.zeros_like(self._window_count)
-            self._window_weighted_sum = torch.zeros_like(self._window_weighted_sum)
-            self._window_weight = torch.zeros_like(self._window_weight)
-            self._window_steps = 0
+        self._window_steps = self._window_steps + 1
+        first = self._map(step_score, step_defined & (stats[1] >= self.min_groups))
+        keep = torch.where(self._num_updates == 1, first, self._keep)
+        refresh = self._window_steps >= self.refresh_every
+        window_defined = (self._window_count > 0) & (self._window_weight >= self.min_groups)
+        if self.window == "weighted":
+            weight_sum = torch.where(window_defined, self._window_weight, 1.0)
+            mean = self._window_weighted_sum / weight_sum
+        else:
+            mean = self._window_sum / self._window_count.clamp_min(1)  # Eq. 7
+        fresh = self._map(mean, window_defined)
+        self._keep = torch.where(refresh & window_defined.any(), fresh, keep)
+        self._window_sum = torch.where(refresh, 0.0, self._window_sum)
+        self._window_count = torch.where(refresh, 0, self._window_count)
+        self._window_weighted_sum = torch.where(refresh, 0.0, self._window_weighted_sum)
+        self._window_weight = torch.where(refresh, 0.0, self._window_weight)
+        self._window_steps = torch.where(refresh, 0, self._window_steps)
         return self._keep.clone()
 
     def _map(self, scores: Tensor, defined: Tensor) -> Tensor:
@@ -252,15 +260,15 @@ class PhaseScoreBuffer:
         return p.to(torch.float32)
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the buffer state: tensors (copies) and the step counters."""
+        """Return the buffer state: tensors (copies), the step counters as 0-d int64 tensors."""
         return {
             "keep_probabilities": self._keep.clone(),
             "window_sum": self._window_sum.clone(),
             "window_count": self._window_count.clone(),
             "window_weighted_sum": self._window_weighted_sum.clone(),
             "window_weight": self._window_weight.clone(),
-            "window_steps": self._window_steps,
-            "num_updates": self._num_updates,
+            "window_steps": self._window_steps.clone(),
+            "num_updates": self._num_updates.clone(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -301,12 +309,8 @@ class PhaseScoreBuffer:
             raise ValueError(
                 f"`state['keep_probabilities']` must lie in (0, 1], got {keep.tolist()}."
             )
-        window_steps = check_positive_int(
-            state["window_steps"], "state['window_steps']", allow_zero=True
-        )
-        num_updates = check_positive_int(
-            state["num_updates"], "state['num_updates']", allow_zero=True
-        )
+        window_steps = _counter(state["window_steps"], "state['window_steps']")
+        num_updates = _counter(state["num_updates"], "state['num_updates']")
         if window_steps > num_updates:
             raise ValueError(
                 f"`state['window_steps']` must be at most `state['num_updates']` ({num_updates}), "
@@ -324,12 +328,23 @@ class PhaseScoreBuffer:
         for key in ("window_weighted_sum", "window_weight"):
             value = tensors[key].to(device=device, dtype=torch.float64).clone()
             setattr(self, f"_{key}", value)
-        self._window_steps = window_steps
-        self._num_updates = num_updates
+        self._window_steps = torch.tensor(window_steps, dtype=torch.int64, device=device)
+        self._num_updates = torch.tensor(num_updates, dtype=torch.int64, device=device)
 
     def __repr__(self) -> str:
         return (
             f"PhaseScoreBuffer(num_phases={self.num_phases}, refresh_every={self.refresh_every}, "
             f"p_min={self.p_min}, power={self.power}, window={self.window!r}, "
-            f"min_groups={self.min_groups}, num_updates={self._num_updates})"
+            f"min_groups={self.min_groups}, num_updates={int(self._num_updates)})"
         )
+
+
+def _counter(value: Any, name: str) -> int:
+    """A saved step counter: a non-negative int or a 0-d integer tensor, as a Python int."""
+    if isinstance(value, Tensor):
+        check_tensor(value, name, ndim=0, dtypes="int")
+        value = int(value)
+        if value < 0:
+            raise ValueError(f"`{name}` must be >= 0, got {value}.")
+        return value
+    return check_positive_int(value, name, allow_zero=True)

@@ -1,23 +1,30 @@
-"""The `Selection` type every selector returns, and the packed order it defines.
+r"""The `Selection` type every selector returns, and the packed order it defines.
 
 A selection names, for each trajectory, the chunk slots that enter the actor update. The packed
 layout that `chunkmask.shrink`, `chunkmask.unshrink` and the losses share is row-major over the
 selected slots: trajectory 0's selected chunks in ascending chunk order, then trajectory 1's, and
 so on. A packed batch has `M = selection.counts.sum()` items.
+
+A selection can also carry the inclusion probability $\pi_{i,t} = P(t \in S_i)$ of each selected
+chunk (`Selection.inclusion`), filled by every sampler that knows it (`pps_sample`,
+`plackett_luce_sample(..., inclusion=True)`, `uniform_sample`, `stratified_sample`,
+`top_phase_sample` and the masker built with `inclusion=True`). `Selection.packed_inclusion()`
+gives them in the packed order of `shrink`: it is what the Horvitz-Thompson estimator of the
+masked loss reads.
 """
 
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-from jaxtyping import Bool, Int64
+from jaxtyping import Bool, Float, Int64
 from torch import Tensor
 
-from chunkmask._checks import check_positive_int, check_same_device, check_tensor
+from chunkmask._checks import check_positive_int, check_same_device, check_shape, check_tensor
 
 
 class Selection(NamedTuple):
-    """Which chunks of each trajectory are kept, in a fixed-size, compile-friendly layout.
+    r"""Which chunks of each trajectory are kept, in a fixed-size, compile-friendly layout.
 
     Attributes:
         indices: `(traj, k)` int64 chunk indices. The valid slots come first, in ascending chunk
@@ -27,12 +34,17 @@ class Selection(NamedTuple):
         num_chunks: `(traj,)` int64 number of valid (available) chunks `T_i` of each trajectory,
             the full length that the Horvitz-Thompson estimator normalises by.
         chunks_total: the padded number of chunk slots `N` (a Python int).
+        inclusion: `(traj, k)` floating-point inclusion probability $\pi_{i,t} \in (0, 1]$ of
+            the chunk in each selected slot (1.0 at flagged slots), or None when the selector
+            does not know them. `packed_inclusion()` returns them in packed order, for the
+            Horvitz-Thompson estimator.
     """
 
     indices: Int64[Tensor, "traj k"]
     mask: Bool[Tensor, "traj k"]
     num_chunks: Int64[Tensor, " traj"]
     chunks_total: int
+    inclusion: Float[Tensor, "traj k"] | None = None
 
     @property
     def counts(self) -> Int64[Tensor, " traj"]:
@@ -58,8 +70,9 @@ class Selection(NamedTuple):
 
         Metadata (types, dtypes, shapes, devices) always; with `values` also the contents (one
         host sync): every valid slot holds a chunk in `[0, chunks_total)`, valid slots form a
-        prefix of each row in strictly ascending chunk order, and `num_chunks` lies in
-        `[0, chunks_total]`.
+        prefix of each row in strictly ascending chunk order, `num_chunks` lies in
+        `[0, chunks_total]`, and `inclusion` (when present) lies in `(0, 1]` at selected slots
+        and is 1 at flagged ones.
 
         Args:
             name: the argument name to report in errors.
@@ -87,6 +100,12 @@ class Selection(NamedTuple):
             )
         check_same_device(self.mask, f"{name}.mask", self.indices, f"{name}.indices")
         check_same_device(self.num_chunks, f"{name}.num_chunks", self.indices, f"{name}.indices")
+        if self.inclusion is not None:
+            check_tensor(self.inclusion, f"{name}.inclusion", ndim=2, dtypes="float")
+            check_shape(self.inclusion, f"{name}.inclusion", tuple(self.indices.shape))
+            check_same_device(
+                self.inclusion, f"{name}.inclusion", self.indices, f"{name}.indices"
+            )
         if not values or self.indices.numel() == 0:
             return self
         n = self.chunks_total
@@ -107,6 +126,14 @@ class Selection(NamedTuple):
             raise ValueError(
                 f"`{name}.num_chunks` must lie in [0, {n}], got {self.num_chunks.tolist()[:5]}."
             )
+        if self.inclusion is not None:
+            pi = self.inclusion
+            bad = torch.where(self.mask, ~((pi > 0) & (pi <= 1)), pi != 1)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"`{name}.inclusion` must lie in (0, 1] at selected slots and be 1 at flagged "
+                    f"slots, got {pi[bad].tolist()[:5]}."
+                )
         return self
 
     def _size(self, size: int | None) -> int:
@@ -114,7 +141,7 @@ class Selection(NamedTuple):
             return self.num_selected()
         return check_positive_int(size, "size", allow_zero=True)
 
-    def rows(self, index: "int | slice | Tensor", *, validate_args: bool = True) -> "Selection":
+    def rows(self, index: "int | slice | Tensor", *, validate_args: bool = False) -> "Selection":
         """The selection of some trajectories only: `index` picks rows, as `x[index]` would.
 
         `Selection` is a `NamedTuple`, so `sel[i]` keeps its tuple meaning (the `i`-th field);
@@ -180,8 +207,9 @@ class Selection(NamedTuple):
             if not 0 <= index < num_traj:
                 raise ValueError(f"`index` must lie in [0, {num_traj}), got {index}.")
             pick = slice(index, index + 1)
+        inclusion = None if self.inclusion is None else self.inclusion[pick]
         return Selection(
-            self.indices[pick], self.mask[pick], self.num_chunks[pick], self.chunks_total
+            self.indices[pick], self.mask[pick], self.num_chunks[pick], self.chunks_total, inclusion
         )
 
     @staticmethod
@@ -193,14 +221,15 @@ class Selection(NamedTuple):
 
         Args:
             selections: a non-empty list or tuple of `Selection`s with equal `k`, `chunks_total`
-                and device.
+                and device, either all with `inclusion` or all without.
 
         Returns:
             One `Selection` holding every trajectory, in input order.
 
         Raises:
             TypeError: if `selections` is not a list or tuple of `Selection`s.
-            ValueError: if it is empty or the selections differ in `k`, `chunks_total` or device.
+            ValueError: if it is empty or the selections differ in `k`, `chunks_total`, device or
+                in whether they carry `inclusion`.
 
         Examples:
             >>> import torch
@@ -229,12 +258,83 @@ class Selection(NamedTuple):
                     f"chunks_total={sel.chunks_total}."
                 )
             check_same_device(sel.indices, f"selections[{i}]", first.indices, "selections[0]")
+            if (sel.inclusion is None) != (first.inclusion is None):
+                have = "carries" if first.inclusion is not None else "does not carry"
+                raise ValueError(
+                    f"`selections[{i}]` must carry `inclusion` exactly when `selections[0]` does "
+                    f"(it {have} them), got "
+                    f"{'none' if sel.inclusion is None else 'inclusion probabilities'}."
+                )
+        inclusion = None
+        if first.inclusion is not None:
+            dtype = torch.promote_types(first.inclusion.dtype, torch.float32)
+            for sel in selections:
+                dtype = torch.promote_types(dtype, sel.inclusion.dtype)
+            inclusion = torch.cat([s.inclusion.to(dtype) for s in selections])
         return Selection(
             torch.cat([s.indices for s in selections]),
             torch.cat([s.mask for s in selections]),
             torch.cat([s.num_chunks for s in selections]),
             first.chunks_total,
+            inclusion,
         )
+
+    def with_inclusion(self, inclusion: "Float[Tensor, 'traj chunk'] | None") -> "Selection":
+        r"""This selection carrying the inclusion probabilities of a dense `(traj, N)` tensor.
+
+        Reads $\pi_{i,t}$ at each selected chunk into `Selection.inclusion` (1.0 at flagged
+        slots); None drops them. Use it to attach the probabilities of a design computed
+        elsewhere (e.g. `inclusion_probabilities(weights, budget)` of a Plackett-Luce draw).
+
+        Args:
+            inclusion: `(traj, N)` floating-point inclusion probabilities of every chunk, or None.
+
+        Returns:
+            A `Selection` with the same slots and `inclusion` filled (or None).
+
+        Raises:
+            TypeError: if `inclusion` is not a floating-point tensor.
+            ValueError: if its shape is not `(traj, N)` or it lies on another device.
+
+        Examples:
+            >>> import torch
+            >>> sel = Selection.from_mask(torch.tensor([[True, False, True]]), k=3)
+            >>> sel.with_inclusion(torch.tensor([[0.5, 0.2, 0.25]])).inclusion.tolist()
+            [[0.5, 0.25, 1.0]]
+        """
+        if inclusion is None:
+            return self._replace(inclusion=None)
+        check_tensor(inclusion, "inclusion", ndim=2, dtypes="float")
+        check_shape(inclusion, "inclusion", (self.num_traj, self.chunks_total))
+        check_same_device(inclusion, "inclusion", self.indices, "selection.indices")
+        if self.chunks_total == 0:
+            slots = inclusion.new_ones(self.indices.shape)
+        else:
+            slots = torch.gather(inclusion, 1, self.indices)
+        return self._replace(inclusion=torch.where(self.mask, slots, 1.0))
+
+    def packed_inclusion(self, size: int | None = None) -> Float[Tensor, " packed"] | None:
+        """Inclusion probability of each packed item, `(M,)`, in the packed order of `shrink`.
+
+        This is what the Horvitz-Thompson estimator of the masked loss reads
+        (`masked_grpo_loss(..., selection=sel, estimator="horvitz_thompson")`).
+
+        Args:
+            size: `M`, as for `packed_traj_index` (avoids a host sync).
+
+        Returns:
+            The `(M,)` probabilities, or None when the selection carries none.
+
+        Examples:
+            >>> import torch
+            >>> sel = Selection.from_mask(torch.tensor([[True, False, True], [False, True, False]]))
+            >>> sel.with_inclusion(torch.tensor([[0.5, 0.2, 0.25], [0.1, 0.4, 0.3]])).packed_inclusion().tolist()
+            [0.5, 0.25, 0.4000000059604645]
+        """
+        if self.inclusion is None:
+            return None
+        traj, slot = self.packed_slot_index(size)
+        return self.inclusion[traj, slot]
 
     def packed_traj_index(self, size: int | None = None) -> Int64[Tensor, " packed"]:
         """Trajectory id of each packed item, `(M,)`.
@@ -290,7 +390,7 @@ class Selection(NamedTuple):
         """Build a selection from a dense `(traj, N)` bool mask of chosen chunks.
 
         `Selection.from_mask(valid)` selects every valid chunk: the full-GRPO batch in the same
-        packed layout.
+        packed layout. The result carries no `inclusion` (see `with_inclusion`).
 
         Args:
             mask: `(traj, N)` bool mask of the chunks to select.

@@ -5,6 +5,10 @@ gathers the selected chunks out of every per-chunk tensor of a batch (observatio
 behaviour log-probabilities, masks, broadcast advantages) into packed `(M, ...)` tensors, in the
 packed order defined by `chunkmask.Selection`; `unshrink` is the inverse scatter. Nothing is
 multiplied by a 0/1 mask instead (Sec. 4.5 of the PCM paper).
+
+Inclusion probabilities need no shrinking: a selection drawn by a sampler that knows them carries
+them, and `selection.packed_inclusion()` returns them in this same packed order. That is what the
+Horvitz-Thompson estimator of the masked loss reads.
 """
 
 import dataclasses
@@ -53,7 +57,7 @@ def shrink(
     selection: Selection,
     *,
     size: int | None = None,
-    validate_args: bool = True,
+    validate_args: bool = False,
 ) -> Any:
     r"""Gather the selected chunks of every per-chunk tensor into a packed batch.
 
@@ -131,7 +135,7 @@ def unshrink(
     selection: Selection,
     *,
     fill: float | bool | int = 0.0,
-    validate_args: bool = True,
+    validate_args: bool = False,
 ) -> Any:
     r"""Scatter packed `(M, ...)` tensors back to padded `(traj, N, ...)` tensors.
 
