@@ -338,8 +338,8 @@ class ActorTrainer:
                 logp = self.policy.log_prob(batch["obs"][r0:r1], batch["tokens"][r0:r1])
             out = masked_grpo_loss(
                 logp,
-                batch["old_logp"][r0:r1],
-                batch["adv"][r0:r1],
+                old_logp=batch["old_logp"][r0:r1],
+                advantages=batch["adv"][r0:r1],
                 selection=selection.rows(slice(t0, t1)),
                 mask=None if mask is None else mask[r0:r1],
             )
@@ -394,10 +394,9 @@ class Setup:
     def select(self, masker: ProbabilisticChunkMasker) -> Selection:
         """`masker`'s selection on the rollout batch."""
         d = self.data
-        selection, _ = masker.select(
+        return masker.select(
             actions=d["actions"], success=d["success"], group=d["group"], valid=d["valid"]
         )
-        return selection
 
     # -- update functions; each returns the number of chunks forwarded and of micro-batches --
 

@@ -11,10 +11,14 @@ as a fraction of it. The learning runs (`sync`, `full-async` and `full-async+pcm
 keep weight snapshots, which are evaluated on held-out initial states after Ray has shut down,
 so evaluation never competes with training for the CPU: success against training wall-clock.
 
-    python benchmarks/async_throughput.py --docs docs      # writes docs/async.{md,json}, PNGs
+    python benchmarks/async_throughput.py --docs docs      # docs/async.md, docs/img/async_*.png
+                                                           # and benchmarks/results/async.json
     python benchmarks/async_throughput.py --quick          # a smoke run (tiny sizes)
 
-Needs the `ray` and `testbed` extras.
+Data goes under `benchmarks/results/` (`--out`, default `benchmarks/results/async.json` with
+`--docs`), only the page and its figures under `--docs`.
+
+Needs the `ray`, `testbed` and `stats` extras.
 """
 
 import json
@@ -53,6 +57,7 @@ from chunkmask.testbed import (  # noqa: E402
     sample_initial_states,
 )
 
+RESULTS = Path(__file__).resolve().parent / "results"  # the benchmarks' data, not docs/
 MODE_NAMES = ("sync", "async-rollout", "full-async", "full-async+pcm")
 EVAL_SEED = 10_000_019
 
@@ -500,7 +505,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sft-cache", type=Path, default=None, help="cache the SFT checkpoint here")
     p.add_argument("--temp-dir", default=None, help="Ray's temporary directory (short path)")
     p.add_argument("--docs", type=Path, default=None,
-                   help="write DOCS/async.md, DOCS/async.json and DOCS/img/async_*.png")
+                   help="write DOCS/async.md and DOCS/img/async_*.png (and the JSON to --out, "
+                   "default benchmarks/results/async.json)")
     p.add_argument("--report-from", type=Path, default=None,
                    help="re-render DOCS/async.md and the learning-curve PNG from this JSON "
                    "without running anything")
@@ -508,6 +514,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.report_from is not None:
         result = json.loads(args.report_from.read_text())
         docs = args.docs or Path("docs")
+        (docs / "img").mkdir(parents=True, exist_ok=True)
         plot_curves(result, docs / "img" / "async_success_vs_wallclock.png")
         write_report(docs / "async.md", result, result, tables(result))
         return result
@@ -603,7 +610,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plot_curves(summary, img / "async_success_vs_wallclock.png")
         plot_timeline(runs, ["sync", "async-rollout", "full-async", "full-async+pcm"],
                       img / "async_timeline.png")
-        out = out or args.docs / "async.json"
+        out = out or RESULTS / "async.json"
         write_report(args.docs / "async.md", summary, result, table)
     emit(result, table, out)
     print(f"total {total_s:.0f} s (SFT {sft_s:.0f} s, evaluation {eval_s:.0f} s)")
@@ -814,8 +821,9 @@ At this budget the learning curves are short and noisy, so read the success numb
 intervals.
 
 ```bash
-pip install "chunkmask[ray,testbed]"
-python benchmarks/async_throughput.py --docs docs     # this page's numbers and plots
+pip install "chunkmask[ray,testbed,stats]"
+python benchmarks/async_throughput.py --docs docs     # this page, its plots, benchmarks/results/async.json
+python benchmarks/async_throughput.py --report-from benchmarks/results/async.json --docs docs  # re-render only
 python benchmarks/async_throughput.py --quick         # a smoke run in well under a minute
 ```
 

@@ -6,20 +6,22 @@ The example is the single runner; this script only schedules it and aggregates t
 writes (nothing here imports the example). The example keeps each (task, seed)'s SFT checkpoint
 under ``OUT/<task>/seed<k>/`` (default ``runs/chunked_ppo``, git-ignored) and writes one small
 JSON record per finished unit, as soon as it finishes, to ``RESULTS/<task>/seed<k>/<variant>.json``
-(default ``docs/chunked_ppo``, committed), plus ``sft.json``. A unit whose record exists is skipped,
+(default ``benchmarks/results/chunked_ppo``, committed), plus ``sft.json``. A unit whose record exists is skipped,
 so a killed study resumes where it stopped. ``--shard i/n`` runs every n-th unit, so that n
 processes can share the work. ``--bc-weight RULE ...`` adds the weight-rule ablation: variant
 ``ppo_sbc+RULE`` per rule (the default rule, ``--default-bc-weight``, is ``ppo_sbc`` itself).
 
-**Aggregate.** ``--aggregate`` reads whatever has finished and writes ``DOCS/chunked_ppo.json``:
+**Aggregate.** ``--aggregate`` reads whatever has finished and writes ``SUMMARY`` (default
+``RESULTS.json``, i.e. ``benchmarks/results/chunked_ppo.json``):
 ``{"tasks": {TASK: {VARIANT: {success, steps_to_success, steps_all, wall_clock_s, ...}}}}`` with a
 ``<field>_ci95`` beside each mean (Student-t over seeds, `chunkmask.stats.paired_difference`), the
 ``per_seed`` lists, the pooled Wilson interval of success over all evaluation episodes
 (`binomial_interval`), paired differences against ``sft`` and ``ppo_sbc`` on the same seeds and
 goals (``paired``), a TOST of each variant against ``ppo_sbc`` at ±5 success points
 (`equivalence_test`), and ``overall``: success averaged over the tasks, per seed. It also draws
-``DOCS/img/chunked_ppo_<task>.png`` (learning curves, mean and 95% CI band over seeds) and prints
-the Markdown tables of ``docs/chunked_ppo.md``.
+``DOCS/img/chunked_ppo_<task>.png`` (default ``docs/img``: learning curves, mean and 95% CI band
+over seeds) and prints the Markdown tables of ``docs/chunked_ppo.md``. Data goes under
+``benchmarks/results/``, only the figures under ``docs/`` (see ``docs/benchmarks.md``).
 
     python benchmarks/chunked_ppo_study.py --seeds 0 1 2 3 4 --shard 0/2   # and --shard 1/2
     python benchmarks/chunked_ppo_study.py --aggregate
@@ -461,16 +463,25 @@ def _no_nan(obj: Any) -> Any:
     return obj
 
 
+def _display(path: Path) -> str:
+    """`path` relative to the repository root when it lies inside it (portable records)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def aggregate(args: argparse.Namespace) -> dict[str, Any]:
     """Summarise every finished record; write the JSON and the plots; print the tables."""
     records = load_records(args.results)
-    out: dict[str, Any] = {"command": args.command, "results": str(args.results), "tasks": {}}
+    out: dict[str, Any] = {"command": args.command, "results": _display(args.results), "tasks": {}}
     for task in sorted(records):
         out["tasks"][task] = summarise_task(records[task])
         plot_task(task, out["tasks"][task], args.docs / "img" / f"chunked_ppo_{task}.png")
     out["overall"] = overall(records, [t for t in args.tasks if t in records])
-    args.docs.mkdir(parents=True, exist_ok=True)
-    (args.docs / "chunked_ppo.json").write_text(json.dumps(_no_nan(out), indent=1, allow_nan=False))
+    summary = args.summary or args.results.with_suffix(".json")
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps(_no_nan(out), indent=1, allow_nan=False))
     print(markdown(out))
     return out
 
@@ -487,9 +498,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the rule of the plain ppo_sbc and ppo_sbc_pcm variants")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "chunked_ppo",
                         help="checkpoints (git-ignored)")
-    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "chunked_ppo",
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "chunked_ppo",
                         help="per-unit JSON records (committed)")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--summary", type=Path, default=None,
+                        help="--aggregate's JSON (default: RESULTS.json beside RESULTS)")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs",
+                        help="--aggregate's plots go to DOCS/img")
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th unit from the i-th")
     parser.add_argument("--set", nargs="*", default=[], help="example Config overrides, key=value")
     parser.add_argument("--aggregate", action="store_true")

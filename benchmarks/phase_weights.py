@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 
-from chunkmask import NUM_PHASES, Phase, ProbabilisticChunkMasker, group_relative_advantages
+from chunkmask import (
+    NUM_PHASES,
+    Phase,
+    ProbabilisticChunkMasker,
+    group_relative_advantages,
+    inclusion_probabilities,
+)
 from chunkmask.testbed.demo import DemoConfig, make_policy
 from chunkmask.testbed.env import PickPlaceConfig, PickPlaceVectorEnv, sample_initial_states
 from chunkmask.testbed.rollout import rollout
@@ -61,17 +67,18 @@ def phase_weights(policy, env_cfg, *, prompts: int, group_size: int, budget: int
         generator=torch.Generator().manual_seed(seed + 1),
     )
     group = torch.arange(prompts).repeat_interleave(group_size)
-    masker = ProbabilisticChunkMasker(
-        budget=budget, num_phases=NUM_PHASES, seed=seed, inclusion=True
-    )
-    _, info = masker.select(
+    masker = ProbabilisticChunkMasker(budget=budget, num_phases=NUM_PHASES, seed=seed)
+    info = masker.update(
         actions=batch.actions, success=batch.success, group=group, valid=batch.valid
+    )
+    pi = inclusion_probabilities(  # every chunk's pi under this step's keep probabilities
+        masker.weights(info.phases, batch.valid), budget, valid=batch.valid
     )
     return {
         "success_rate": float(batch.success.float().mean()),
         "V_c": info.scores.tolist(),
         "keep_probabilities": info.keep_probabilities.tolist(),
-        "phases": weights_by_phase(info.phases, batch.valid, info.inclusion, batch.success, group),
+        "phases": weights_by_phase(info.phases, batch.valid, pi, batch.success, group),
     }
 
 

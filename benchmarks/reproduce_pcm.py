@@ -6,8 +6,9 @@
 Runs, in priority order, for each seed: GRPO and PCM (B=12) from the same SFT checkpoint (RQ1,
 RQ2); PCM with B=8 and B=16 (RQ3); random masking, top-phase ("full") masking and entropy top-k
 at B=12 (RQ4). Every run is checkpointed after every step and resumes where it stopped. The report
-(docs/reproduction_pilot.md, docs/reproduction_pilot.json, docs/img/testbed_repro_*.png) is rebuilt from
-whatever has finished, and says which runs are partial or missing.
+is rebuilt from whatever has finished, and says which runs are partial or missing: its data goes to
+`--results` (default benchmarks/results/reproduction_pilot.json), its page and figures to `--docs`
+(default docs: docs/reproduction_pilot.md, docs/img/testbed_repro_*.png).
 """
 
 import argparse
@@ -124,7 +125,9 @@ def fmt(v, pct=False, unit="", signed=False):
     return f"{v:+.2f}{unit}" if signed else f"{v:.2f}{unit}"
 
 
-def report(out: Path, cfg: DemoConfig, seeds: list[int], docs: Path, command: str) -> dict:
+def report(
+    out: Path, cfg: DemoConfig, seeds: list[int], docs: Path, command: str, results: Path
+) -> dict:
     img = docs / "img"
     img.mkdir(parents=True, exist_ok=True)
     per_seed: dict[int, dict] = {}
@@ -290,7 +293,8 @@ def report(out: Path, cfg: DemoConfig, seeds: list[int], docs: Path, command: st
                     "success": success,
                 }
         result["curves"] = curves
-    (docs / "reproduction_pilot.json").write_text(json.dumps(result, indent=2))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2))
     report_path = docs / "reproduction_pilot.md"
     existing = report_path.read_text() if report_path.exists() else ""
     marker = "<!-- findings -->"
@@ -302,7 +306,9 @@ def report(out: Path, cfg: DemoConfig, seeds: list[int], docs: Path, command: st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/repro")
-    parser.add_argument("--docs", default="docs")
+    parser.add_argument("--docs", default="docs", help="the page and DOCS/img/ figures")
+    parser.add_argument("--results", default="benchmarks/results/reproduction_pilot.json",
+                        help="the report's JSON")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--only", nargs="+", default=None, help="run names to run")
@@ -329,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name, selector, budget, extra in group:
                     if args.only is None or name in args.only:
                         run_one(out, cfg, name, selector, budget, extra, seed)
-                report(out, cfg, args.seeds, Path(args.docs), command.strip())
-    result = report(out, cfg, args.seeds, Path(args.docs), command.strip())
+                report(out, cfg, args.seeds, Path(args.docs), command.strip(), Path(args.results))
+    result = report(out, cfg, args.seeds, Path(args.docs), command.strip(), Path(args.results))
     print(json.dumps({k: result.get(k) for k in ("speedup_to_threshold", "final_success_gap_pp")}))
     return 0
 

@@ -113,7 +113,7 @@ def stage_timings(setup: Setup, budget: int, args: argparse.Namespace) -> list[d
     masker = ProbabilisticChunkMasker(budget, seed=args.seed)
 
     def path_fn():
-        sel, _ = masker.select(actions=actions, success=success, group=group, valid=valid)
+        sel = masker.select(actions=actions, success=success, group=group, valid=valid)
         return shrink(setup.per_chunk, sel)
 
     stages = [

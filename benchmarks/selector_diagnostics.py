@@ -1,7 +1,7 @@
 """What each chunk selector costs in gradient signal on the testbed's SFT policy.
 
     python benchmarks/selector_diagnostics.py --out runs/diag2 --batches 30
-    python benchmarks/selector_diagnostics.py --out runs/diag2 --report docs/selector_diagnostics.json
+    python benchmarks/selector_diagnostics.py --out runs/diag2 --report benchmarks/results/selector_diagnostics.json
 
 For each of `--batches` independent rollout batches (8 prompts x 8 rollouts from the seed-0 SFT
 checkpoint of the main job, fresh initial states and sampling seeds per batch) it computes the
@@ -42,8 +42,11 @@ import torch
 
 from chunkmask import (
     NUM_PHASES,
+    ChunkBudget,
     GradientSketch,
+    LossNormalizers,
     Phase,
+    PhaseScoring,
     ProbabilisticChunkMasker,
     Selection,
     advantage_aware_budgets,
@@ -121,17 +124,15 @@ def loss_of(policy, batch, adv, sel, train: TrainConfig, **kwargs):
     tree = {"obs": batch.obs, "tokens": batch.tokens, "old_logp": batch.logp, "adv": adv}
     inclusion = kwargs.pop("inclusion", None)
     if inclusion is not None:
-        tree["inclusion"] = inclusion.float()
+        sel = sel.with_inclusion(inclusion.float())
     packed = shrink(tree, sel)
     logp, _ = policy.log_prob(packed["obs"], packed["tokens"], temperature=train.temperature)
     out = masked_grpo_loss(
         logp,
-        packed["old_logp"],
-        packed["adv"],
-        sel,
-        clip_low=train.clip_low,
-        clip_high=train.clip_high,
-        inclusion=packed.get("inclusion"),
+        old_logp=packed["old_logp"],
+        advantages=packed["adv"],
+        selection=sel,
+        clip=train.clip,
         **kwargs,
     )
     return out.loss, logp, packed
@@ -140,7 +141,7 @@ def loss_of(policy, batch, adv, sel, train: TrainConfig, **kwargs):
 def phase_parts(policy, logp, packed, sel, phases, train):
     """Per-phase parts of the seq-mean-token-mean loss with the whole selection's normalisers."""
     surrogate = clipped_surrogate(
-        logp, packed["old_logp"], packed["adv"], clip_low=train.clip_low, clip_high=train.clip_high
+        logp, old_logp=packed["old_logp"], advantages=packed["adv"], clip=train.clip
     ).loss
     segment = sel.packed_traj_index(size=logp.shape[0])
     tokens = logp.shape[1]
@@ -194,16 +195,15 @@ def one_batch(b, args, cfg, env_cfg, policy, maskers, sketch):
 
     record = {"chunks_valid": int(valid.sum()), "success": float(success.float().mean()),
               "informative": float((adv != 0).float().mean())}
-    sel_pcm, info = maskers["pcm"].select(
-        actions=batch.actions, success=success, group=group, valid=valid
-    )
-    sel_aa, info_aa = maskers["pcm_aa"].select(
+    info = maskers["pcm"].update(actions=batch.actions, success=success, group=group, valid=valid)
+    sel_pcm = maskers["pcm"].draw(info.phases, valid=valid)
+    sel_aa = maskers["pcm_aa"].select(
         actions=batch.actions, success=success, group=group, valid=valid, advantages=adv
     )
-    sel_cause, _ = maskers["pcm_cause_aa"].select(
+    sel_cause = maskers["pcm_cause_aa"].select(
         actions=batch.actions, success=success, group=group, valid=valid, advantages=adv
     )
-    sel_pps, pi_pps = pps_sample(
+    sel_pps = pps_sample(
         adv.abs()[:, None] * chunk_score_norm(batch.logp), args.budget, valid=valid,
         generator=gen,
     )
@@ -214,29 +214,29 @@ def one_batch(b, args, cfg, env_cfg, policy, maskers, sketch):
     record["chunks"] = {"full": int(valid.sum())}
     keep = max_variance_downsample(success.float(), group, args.pods_keep)
     adv_pods = group_relative_advantages(success.float(), group, valid=keep)
-    budgets = advantage_aware_budgets(adv, valid.sum(1), args.budget, max_budget=n)
+    reaching = (adv != 0) & valid.any(1)  # B per trajectory that reaches the update
+    budgets = advantage_aware_budgets(
+        adv, valid.sum(1), args.budget, max_budget=n, total_budget=args.budget * reaching.sum()
+    )
     uniform = valid.to(torch.float32)
     selections = {
         "random": (uniform_sample(valid, args.budget, generator=gen), {}),
         "pcm": (sel_pcm, {}),
-        "pcm_ht": (sel_pcm, {"estimator": "horvitz_thompson", "inclusion": info.inclusion}),
+        "pcm_ht": (sel_pcm, {"estimator": "horvitz_thompson"}),
         "random_aa": (
-            plackett_luce_sample(uniform, n, valid=valid, budgets=budgets, generator=gen),
-            {"global_batch_size": num_traj},
+            plackett_luce_sample(uniform, budgets, valid=valid, generator=gen),
+            {"norms": LossNormalizers(global_batch_size=num_traj)},
         ),
-        "pcm_aa": (sel_aa, {"global_batch_size": num_traj}),
-        "pcm_aa_ht": (
-            sel_aa,
-            {"estimator": "horvitz_thompson", "inclusion": info_aa.inclusion},
-        ),
+        "pcm_aa": (sel_aa, {"norms": LossNormalizers(global_batch_size=num_traj)}),
+        "pcm_aa_ht": (sel_aa, {"estimator": "horvitz_thompson"}),
         "top_phase": (
             top_phase_sample(info.phases, info.scores, args.budget, valid=valid, generator=gen),
             {},
         ),
         "entropy_topk": (topk_sample(batch.entropy, args.budget, valid=valid), {}),
         "pods": (Selection.from_mask(valid & keep[:, None]), {"_adv": adv_pods}),
-        "pcm_cause_aa": (sel_cause, {"global_batch_size": num_traj}),
-        "pps_ht": (sel_pps, {"estimator": "horvitz_thompson", "inclusion": pi_pps}),
+        "pcm_cause_aa": (sel_cause, {"norms": LossNormalizers(global_batch_size=num_traj)}),
+        "pps_ht": (sel_pps, {"estimator": "horvitz_thompson"}),
     }
     for name, (sel, kwargs) in selections.items():
         kwargs = dict(kwargs)
@@ -262,14 +262,14 @@ def run(args):
     cfg, env_cfg, policy = setup(args)
     train = cfg.train
     sketch = GradientSketch(dim=args.sketch_dim, seed=0)
+    scoring = PhaseScoring(refresh_every=train.refresh_every, p_min=train.p_min)
     maskers = {
         "pcm": ProbabilisticChunkMasker(
-            budget=args.budget, refresh_every=train.refresh_every, p_min=train.p_min,
-            inclusion=True, seed=0,
+            budget=args.budget, scoring=scoring, inclusion=True, seed=0,
         ),
         "pcm_aa": ProbabilisticChunkMasker(
-            budget=args.budget, refresh_every=train.refresh_every, p_min=train.p_min,
-            inclusion=True, seed=0, advantage_aware=True,
+            budget=ChunkBudget(args.budget, advantage_aware=True), scoring=scoring,
+            inclusion=True, seed=0,
         ),
         "pcm_cause_aa": make_masker(TrainConfig(
             selector="pcm", budget=args.budget, refresh_every=train.refresh_every,

@@ -63,6 +63,7 @@ from torch import nn
 
 from chunkmask import (
     NUM_PHASES,
+    Clip,
     ConstantBCWeight,
     EvictOldest,
     EvictSlowest,
@@ -560,9 +561,9 @@ def post_train(policy: GaussianChunkPolicy, variant: str, cfg: Config, env, eval
         adv = whiten_advantages(gae.advantages, mask=valid)
         success = batch["success"]
         if use_pcm:
-            selection, info = masker.select(actions=batch["actions"].clamp(-1, 1), success=success,
-                                            group=torch.zeros_like(success, dtype=torch.int64),
-                                            valid=valid)
+            selection = masker.select(actions=batch["actions"].clamp(-1, 1), success=success,
+                                      group=torch.zeros_like(success, dtype=torch.int64),
+                                      valid=valid)
         else:
             selection = Selection.from_mask(valid)
         packed = shrink(
@@ -590,10 +591,11 @@ def post_train(policy: GaussianChunkPolicy, variant: str, cfg: Config, env, eval
                 opt.zero_grad()
                 logp = chunk_log_prob(policy.dim_log_prob(packed["obs"][mb], packed["actions"][mb]),
                                       mask=packed["step_mask"][mb], event_dims=2)
-                pol = chunked_ppo_loss(logp, packed["old_logp"][mb], packed["adv"][mb],
-                                       clip_low=cfg.clip_low, clip_high=cfg.clip_high)
-                vl = value_loss(policy.value(packed["obs"][mb]), packed["returns"][mb],
-                                old_values=packed["old_values"][mb], clip=cfg.value_clip,
+                pol = chunked_ppo_loss(logp, old_logp=packed["old_logp"][mb],
+                                       advantages=packed["adv"][mb],
+                                       clip=Clip(low=cfg.clip_low, high=cfg.clip_high))
+                vl = value_loss(policy.value(packed["obs"][mb]), returns=packed["returns"][mb],
+                                old_values=packed["old_values"][mb], value_clip=cfg.value_clip,
                                 huber_delta=cfg.huber_delta)
                 if critic_only:
                     vl.backward()

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     policy = TokenMLPPolicy()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     masker = chunkmask.ProbabilisticChunkMasker(
-        budget=args.budget, num_phases=chunkmask.NUM_PHASES, refresh_every=3, seed=args.seed
+        budget=args.budget, num_phases=chunkmask.NUM_PHASES,
+        scoring=chunkmask.PhaseScoring(refresh_every=3), seed=args.seed,
     )
     names = [p.name.lower() for p in chunkmask.Phase if p != chunkmask.Phase.PAD]
     print(f"PCM on synthetic rollouts: {args.prompts} prompts x {args.group_size} rollouts, "
@@ -89,10 +90,13 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         # --- the PCM part of the update ---
         adv = chunkmask.group_relative_advantages(success.float(), group)
-        sel, info = masker.select(actions=actions, success=success, group=group, valid=valid)
+        info = masker.update(actions=actions, success=success, group=group, valid=valid)  # once a step
+        sel = masker.draw(info.phases, valid=valid)
         batch = chunkmask.shrink({"obs": obs, "tokens": tokens, "old_logp": old_logp, "adv": adv}, sel)
         logp = policy.log_prob(batch["obs"], batch["tokens"])
-        out = chunkmask.masked_grpo_loss(logp, batch["old_logp"], batch["adv"], selection=sel)
+        out = chunkmask.masked_grpo_loss(
+            logp, old_logp=batch["old_logp"], advantages=batch["adv"], selection=sel
+        )
         # ---
         optimizer.zero_grad()
         out.loss.backward()
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         kept = int(sel.counts.sum())
         total = int(valid.sum())
         keep = " ".join(f"{n}={p:.2f}" for n, p in zip(names, info.keep_probabilities.tolist(), strict=True))
-        alloc = " ".join(f"{n}={c}" for n, c in zip(names, info.selected_per_phase.tolist(), strict=True))
+        alloc = " ".join(f"{n}={c}" for n, c in zip(names, info.selected_per_phase(sel).tolist(), strict=True))
         print(f"{step:>4} {success.float().mean():>5.2f} {kept:>4}/{total:<4} {out.loss.item():>9.4f} {grad_norm.item():>7.3f} {ms:>6.1f}  {keep}")
         print(f"{'':>45}{alloc}")
         last = {
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             "kept": kept,
             "total": total,
             "keep_probabilities": info.keep_probabilities.tolist(),
-            "selected_per_phase": info.selected_per_phase.tolist(),
+            "selected_per_phase": info.selected_per_phase(sel).tolist(),
         }
     print(f"first trajectory's selected chunks: {sel.indices[0, : int(sel.counts[0])].tolist()} "
           f"(phases {info.phases[0, sel.indices[0, : int(sel.counts[0])]].tolist()})")

@@ -225,7 +225,7 @@ def test_bad_call_arguments():
     with pytest.raises(TypeError, match=r"`actions` must be a torch.Tensor"):
         TOK.encode(np.zeros(3))
     with pytest.raises(ValueError, match=r"`actions` must be finite, got 1 NaN/Inf"):
-        TOK.encode(torch.tensor([0.0, float("nan")]))
+        TOK.encode(torch.tensor([0.0, float("nan")]), validate_args=True)
     with pytest.raises(TypeError, match=r"`ids` must have an int dtype"):
         TOK.decode(torch.tensor([1.0]))
     with pytest.raises(TypeError, match=r"`dtype` must be a floating torch.dtype"):
@@ -241,7 +241,7 @@ def test_bad_call_arguments():
     with pytest.raises(
         ValueError, match=r"`ids` must hold action-token ids in \[31744, 31999\], got \[32000\]"
     ):
-        TOK.log_prob(logits, torch.tensor([31999, 32000]))
+        TOK.log_prob(logits, torch.tensor([31999, 32000]), validate_args=True)
     with pytest.raises(
         ValueError, match=r"`ids` must have the leading shape of `logits` \(2,\), got \(3,\)"
     ):

@@ -132,9 +132,9 @@ def test_empty():
 
 def test_nan_reward_raises():
     with pytest.raises(ValueError, match=r"`rewards` must be finite"):
-        group_relative_advantages(torch.tensor([1.0, float("inf")]), torch.tensor([0, 0]))
+        group_relative_advantages(torch.tensor([1.0, float("inf")]), torch.tensor([0, 0]), validate_args=True)
     with pytest.raises(ValueError, match=r"`rewards` must be finite"):
-        group_relative_advantages(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]))
+        group_relative_advantages(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]), validate_args=True)
 
 
 @pytest.mark.parametrize(

@@ -438,4 +438,4 @@ Z = torch.zeros(2, 3)
 )
 def test_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
-        unchecked(aggregate_loss)(**kwargs)
+        unchecked(aggregate_loss)(**{"validate_args": True, **kwargs})

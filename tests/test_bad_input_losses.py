@@ -4,6 +4,7 @@ out-of-range scalars. Each must raise a ValueError or TypeError that names the a
 another exception, never a NaN, never silent acceptance. Degenerate but legal inputs (everything
 masked, constant or single-member groups, bf16) must give finite values and finite gradients."""
 
+import inspect
 import math
 import re
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 import chunkmask as cm
 from _fuzz import bad_values, check_rejects
+from _reference.inclusion import loss_kwargs, with_packed_inclusion
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -80,9 +82,13 @@ CALLS = {
     "masked_grpo_loss_ht": (
         cm.masked_grpo_loss,
         lambda: dict(
-            **packed_policy_kwargs(),
+            **{
+                **packed_policy_kwargs(),
+                "selection": with_packed_inclusion(
+                    packed_policy_kwargs()["selection"], torch.tensor([0.5, 0.9, 0.25])
+                ),
+            },
             estimator="horvitz_thompson",
-            inclusion=torch.tensor([0.5, 0.9, 0.25]),
         ),
     ),
     "chunked_ppo_loss": (
@@ -206,6 +212,36 @@ CASES = [
 ]
 
 
+# Flat case names as the grouped options spell them in messages.
+ALIASES = {
+    "clip_low": "clip.low", "clip_high": "clip.high", "dual_clip": "clip.dual",
+    "log_ratio_clamp": "clip.log_ratio_clamp", "entropy": "regularizers.entropy",
+    "ref_logp": "regularizers.ref_logp", "entropy_coef": "regularizers.entropy_coef",
+    "kl_coef": "regularizers.kl_coef", "kl_type": "regularizers.kl_type",
+    "inclusion": "selection.inclusion", "clip": "value_clip",
+}
+LOSSES = {"masked_grpo_loss", "masked_grpo_loss_ht", "chunked_ppo_loss", "value_loss", "bc_loss",
+          "clipped_surrogate"}
+
+
+def checked(call, fn):
+    """`fn` with its value checks on (`validate_args=True`) and, for a loss, the flat options."""
+    fn = unchecked(fn)
+    takes = "validate_args" in inspect.signature(fn).parameters
+
+    def run(**kw):
+        if takes:
+            kw = {"validate_args": True, **kw}
+        if call in LOSSES:
+            if call == "value_loss" and "clip" in kw:
+                kw["value_clip"] = kw.pop("clip")
+            kw = loss_kwargs(**kw)
+        return fn(**kw)
+
+    run.__name__ = run.__qualname__ = call
+    return run
+
+
 def run_bad(call, name, i):
     fn, build = CALLS[call]
     kwargs = build()
@@ -213,12 +249,15 @@ def run_bad(call, name, i):
     if (call, name, kind) in LEGAL:
         return
     # a `selection` mismatch may name the packed tensor it disagrees with
-    check_rejects(unchecked(fn), kwargs, name, bad, names=("logp",) if name == "selection" else ())
+    names = ("logp",) if name == "selection" else ()
+    if name in ALIASES:
+        names = (*names, ALIASES[name])
+    check_rejects(checked(call, fn), kwargs, name, bad, names=names)
 
 
 def test_the_valid_calls_pass():
     for call, (fn, build) in CALLS.items():
-        out = unchecked(fn)(**build())
+        out = checked(call, fn)(**build())
         leaves = out if isinstance(out, tuple) else (out,)
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
@@ -278,10 +317,9 @@ def test_fully_masked_and_bf16_losses_are_finite(mode, dtype):
     values = torch.randn(2, 4, dtype=dtype, requires_grad=True)
     none = torch.zeros(2, 4, dtype=torch.bool)
     for loss in (
-        cm.value_loss(values, values.detach(), mask=none, loss_agg_mode=mode),
+        cm.value_loss(values, returns=values.detach(), mask=none, loss_agg_mode=mode),
         cm.bc_loss(values, mask=none, loss_agg_mode=mode),
-        cm.chunked_ppo_loss(values, values.detach(), values.detach(), mask=none,
-                            loss_agg_mode=mode).loss,
+        cm.chunked_ppo_loss(values, old_logp=values.detach(), advantages=values.detach(), mask=none, loss_agg_mode=mode).loss,
     ):
         assert loss.item() == 0.0
         (grad,) = torch.autograd.grad(loss, values)

@@ -256,10 +256,10 @@ def test_reproduce_pcm_quick_writes_report_and_resumes(bench, tmp_path):
     pytest.importorskip("gymnasium")
     pytest.importorskip("matplotlib")
     reproduce = bench("reproduce_pcm")
-    out, docs = tmp_path / "runs", tmp_path / "docs"
-    args = ["--quick", "--seeds", "0", "--out", str(out), "--docs", str(docs)]
+    out, docs, res = tmp_path / "runs", tmp_path / "docs", tmp_path / "res" / "pilot.json"
+    args = ["--quick", "--seeds", "0", "--out", str(out), "--docs", str(docs), "--results", str(res)]
     assert reproduce.main(args) == 0
-    result = json.loads((docs / "reproduction_pilot.json").read_text())
+    result = json.loads(res.read_text())
     assert result["seeds_complete"] == [0]
     names = [r["run"] for r in result["table"]]
     assert names == [name for name, *_ in reproduce.RUNS]
@@ -374,7 +374,8 @@ def test_evidence_study_quick_writes_seeds_and_report(bench, tmp_path):
     assert seeds == ["seed0.json", "seed1.json"]
     record = json.loads((results / "seed0.json").read_text())
     assert set(record["arms"]) == set(study.CORE)
-    data = json.loads(report.with_suffix(".json").read_text())
+    assert not report.with_suffix(".json").exists()  # data under --results, not beside the page
+    data = json.loads(results.with_suffix(".json").read_text())  # the default --summary
     for arm in ("pcm", "random_aa", "pcm_aa"):
         row = data["rq1"]["arms"][arm]
         assert {"final_success", "diff_vs_grpo_pp", "diff_ci95_pp", "per_seed_diff_pp",
@@ -395,7 +396,7 @@ def test_evidence_study_quick_writes_seeds_and_report(bench, tmp_path):
     after = json.loads((results / "seed0.json").read_text())["arms"]
     assert set(after) == set(study.CORE) | {"pods", "token_entropy", "pcm_b6"}
     assert all(after[a] == before[a] for a in study.CORE)
-    data = json.loads(report.with_suffix(".json").read_text())
+    data = json.loads(results.with_suffix(".json").read_text())
     assert set(data["rq3"]["pcm"]) == {"6", "12"} and data["rq3"]["pcm"]["12"]["seeds"] == 2
     assert data["rq1"]["arms"]["token_entropy"]["seeds"] == 2
     # the off-budget arms of the B sweep are RQ3's only

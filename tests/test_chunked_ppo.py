@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _reference import ppo as ref
+from chunkmask import Clip
 from chunkmask.advantages import ChunkGAEOutput, chunk_gae, chunk_rewards, whiten_advantages
 from chunkmask.aggregation import aggregate_loss
 from chunkmask.log_probs import chunk_log_prob
@@ -211,11 +212,10 @@ def ppo_inputs(seed, traj=4, n=5):
 )
 def test_chunked_ppo_loss_padded_equals_core_primitives(mode):
     logp, old, adv, valid = ppo_inputs(0)
-    out = chunked_ppo_loss(logp, old, adv, mask=valid, loss_agg_mode=mode, dual_clip=3.0)
+    out = chunked_ppo_loss(logp, old_logp=old, advantages=adv, mask=valid, loss_agg_mode=mode, clip=Clip(dual=3.0))
     assert isinstance(out, PolicyLossOutput)
     z = torch.zeros((), dtype=F64)
-    sur = clipped_surrogate(torch.where(valid, logp, z), torch.where(valid, old, z),
-                            torch.where(valid, adv, z), dual_clip=3.0)
+    sur = clipped_surrogate(torch.where(valid, logp, z), old_logp=torch.where(valid, old, z), advantages=torch.where(valid, adv, z), clip=Clip(dual=3.0))
     torch.testing.assert_close(out.loss, aggregate_loss(sur.loss, valid, mode))
 
 
@@ -224,9 +224,8 @@ def test_chunked_ppo_loss_packed_equals_padded(mode):
     logp, old, adv, valid = ppo_inputs(1)
     sel = Selection.from_mask(valid)
     packed = shrink({"logp": logp, "old": old, "adv": adv}, sel)
-    a = chunked_ppo_loss(logp, old, adv, mask=valid, loss_agg_mode=mode)
-    b = chunked_ppo_loss(packed["logp"], packed["old"], packed["adv"], selection=sel,
-                         loss_agg_mode=mode)
+    a = chunked_ppo_loss(logp, old_logp=old, advantages=adv, mask=valid, loss_agg_mode=mode)
+    b = chunked_ppo_loss(packed["logp"], old_logp=packed["old"], advantages=packed["adv"], selection=sel, loss_agg_mode=mode)
     torch.testing.assert_close(a.loss, b.loss)
     torch.testing.assert_close(a.approx_kl, b.approx_kl)
 
@@ -234,7 +233,7 @@ def test_chunked_ppo_loss_packed_equals_padded(mode):
 def test_chunked_ppo_loss_gradient_zero_at_padding():
     logp, old, adv, valid = ppo_inputs(2)
     logp = logp.clone().requires_grad_(True)
-    out = chunked_ppo_loss(logp, old, adv, mask=valid)
+    out = chunked_ppo_loss(logp, old_logp=old, advantages=adv, mask=valid)
     out.loss.backward()
     assert torch.isfinite(logp.grad).all()
     assert (logp.grad[~valid] == 0).all()
@@ -245,7 +244,7 @@ def test_chunked_ppo_gradcheck():
     z = torch.zeros((), dtype=F64)
     x = torch.where(valid, logp, z).requires_grad_(True)
     torch.autograd.gradcheck(
-        lambda t: chunked_ppo_loss(t, old, adv, mask=valid, clip_high=1e3, clip_low=0.999).loss, (x,)
+        lambda t: chunked_ppo_loss(t, old_logp=old, advantages=adv, mask=valid, clip=Clip(high=1e3, low=0.999)).loss, (x,)
     )
 
 
@@ -267,17 +266,15 @@ def test_pcm_selection_shrink_then_ppo_and_value_loss():
     returns = torch.randn(traj, n, generator=g)
     old_values = torch.randn(traj, n, generator=g)
     masker = ProbabilisticChunkMasker(budget=3, seed=0)
-    sel, _ = masker.select(actions=actions, success=success, group=group, valid=valid)
+    sel = masker.select(actions=actions, success=success, group=group, valid=valid)
     assert sel.counts.tolist() == [3] * traj
     batch = shrink({"obs": obs, "old_logp": old_logp, "adv": adv, "returns": returns,
                     "old_values": old_values}, sel)
     m = batch["obs"].shape[0]
     assert m == 3 * traj
     logp = policy(batch["obs"]).squeeze(-1) + batch["old_logp"]
-    pol = chunked_ppo_loss(logp, batch["old_logp"], batch["adv"], selection=sel,
-                           loss_agg_mode="seq-mean-token-mean")
-    vl = value_loss(critic(batch["obs"]).squeeze(-1), batch["returns"], selection=sel,
-                    old_values=batch["old_values"])
+    pol = chunked_ppo_loss(logp, old_logp=batch["old_logp"], advantages=batch["adv"], selection=sel, loss_agg_mode="seq-mean-token-mean")
+    vl = value_loss(critic(batch["obs"]).squeeze(-1), returns=batch["returns"], selection=sel, old_values=batch["old_values"])
     (pol.loss + vl).backward()
     assert policy.weight.grad is not None and torch.isfinite(policy.weight.grad).all()
     assert critic.weight.grad is not None and torch.isfinite(critic.weight.grad).all()
@@ -285,10 +282,9 @@ def test_pcm_selection_shrink_then_ppo_and_value_loss():
     with torch.no_grad():
         full_logp = policy(obs).squeeze(-1) + old_logp
         chosen = sel.chunk_mask()
-        dense = chunked_ppo_loss(full_logp, old_logp, adv, mask=chosen,
-                                 loss_agg_mode="seq-mean-token-mean")
+        dense = chunked_ppo_loss(full_logp, old_logp=old_logp, advantages=adv, mask=chosen, loss_agg_mode="seq-mean-token-mean")
         torch.testing.assert_close(dense.loss, pol.loss.detach())
-        dense_v = value_loss(critic(obs).squeeze(-1), returns, mask=chosen, old_values=old_values)
+        dense_v = value_loss(critic(obs).squeeze(-1), returns=returns, mask=chosen, old_values=old_values)
         torch.testing.assert_close(dense_v, vl.detach())
 
 
@@ -304,8 +300,7 @@ def test_value_loss_matches_loop(seed, clip, loss_type, delta):
     ret = 5 * torch.randn(12, generator=g, dtype=F64)
     old = v + torch.randn(12, generator=g, dtype=F64)
     mask = torch.rand(12, generator=g) < 0.7
-    got = value_loss(v.view(3, 4), ret.view(3, 4), mask=mask.view(3, 4), old_values=old.view(3, 4),
-                     clip=clip, loss_type=loss_type, huber_delta=delta)
+    got = value_loss(v.view(3, 4), returns=ret.view(3, 4), mask=mask.view(3, 4), old_values=old.view(3, 4), loss_type=loss_type, huber_delta=delta, value_clip=clip)
     want = ref.value_loss_ref(v.tolist(), ret.tolist(), old.tolist(), mask.tolist(), clip, delta,
                               loss_type)
     torch.testing.assert_close(got, torch.tensor(want, dtype=F64))
@@ -316,8 +311,8 @@ def test_value_loss_gradcheck_and_padding():
     v = torch.randn(2, 3, generator=g, dtype=F64, requires_grad=True)
     ret = 20 * torch.randn(2, 3, generator=g, dtype=F64)
     mask = torch.tensor([[True, True, False], [True, False, False]])
-    torch.autograd.gradcheck(lambda x: value_loss(x, ret, mask=mask, clip=None), (v,))
-    value_loss(v, ret.masked_fill(~mask, float("nan")), mask=mask).backward()
+    torch.autograd.gradcheck(lambda x: value_loss(x, returns=ret, mask=mask, value_clip=None), (v,))
+    value_loss(v, returns=ret.masked_fill(~mask, float("nan")), mask=mask).backward()
     assert (v.grad[~mask] == 0).all() and torch.isfinite(v.grad).all()
 
 
@@ -365,9 +360,9 @@ def test_errors():
     with pytest.raises(ValueError, match="`next_values` is required"):
         chunk_gae(r, r, truncated=torch.zeros(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="`valid` must be a prefix"):
-        chunk_gae(r, r, torch.tensor([[True, False, True], [True, True, True]]))
+        chunk_gae(r, r, torch.tensor([[True, False, True], [True, True, True]]), validate_args=True)
     with pytest.raises(ValueError, match="`rewards` must be finite"):
-        chunk_gae(torch.tensor([[float("nan")]]), torch.zeros(1, 1))
+        chunk_gae(torch.tensor([[float("nan")]]), torch.zeros(1, 1), validate_args=True)
     with pytest.raises(ValueError, match=r"`bootstrap_value` must have shape \(2,\)"):
         chunk_gae(r, r, bootstrap_value=torch.zeros(3))
     with pytest.raises(ValueError, match=r"`lam` must lie in"):
@@ -381,23 +376,24 @@ def test_errors():
     with pytest.raises(ValueError, match="`logp` must have at least 3 dimensions"):
         chunk_log_prob(r, event_dims=3)
     with pytest.raises(ValueError, match=r"`old_logp` must have the same shape as `logp`"):
-        chunked_ppo_loss(r, torch.zeros(2, 2), r)
+        chunked_ppo_loss(r, old_logp=torch.zeros(2, 2), advantages=r)
     with pytest.raises(ValueError, match="`loss_agg_mode` must be one of"):
-        chunked_ppo_loss(r, r, r, loss_agg_mode="mean")
+        chunked_ppo_loss(r, old_logp=r, advantages=r, loss_agg_mode="mean")
     with pytest.raises(ValueError, match=r"`logp` must have one row per selected chunk of `selection` \(6\), got 2"):
-        chunked_ppo_loss(r, r, r, selection=Selection.from_mask(torch.ones(2, 3, dtype=torch.bool)))
+        chunked_ppo_loss(r, old_logp=r, advantages=r, selection=Selection.from_mask(torch.ones(2, 3, dtype=torch.bool)),
+                         validate_args=True)
     with pytest.raises(TypeError, match="`selection` must be a chunkmask.Selection"):
-        chunked_ppo_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), selection="x")
+        chunked_ppo_loss(torch.zeros(3), old_logp=torch.zeros(3), advantages=torch.zeros(3), selection="x")
     with pytest.raises(ValueError, match=r"`logp` must be \(rows, token\) or \(m,\), got 3 dimensions"):
-        chunked_ppo_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))
+        chunked_ppo_loss(torch.zeros(1, 2, 3), old_logp=torch.zeros(1, 2, 3), advantages=torch.zeros(1, 2, 3))
     with pytest.raises(ValueError, match="`loss_type` must be one of"):
-        value_loss(r, r, loss_type="l1")
+        value_loss(r, returns=r, loss_type="l1")
     with pytest.raises(ValueError, match=r"`huber_delta` must lie in \(0.0, inf\)"):
-        value_loss(r, r, huber_delta=0.0)
-    with pytest.raises(ValueError, match=r"`clip` must lie in \(0.0, inf\)"):
-        value_loss(r, r, old_values=r, clip=-1.0)
+        value_loss(r, returns=r, huber_delta=0.0)
+    with pytest.raises(ValueError, match=r"`value_clip` must lie in \(0.0, inf\)"):
+        value_loss(r, returns=r, old_values=r, value_clip=-1.0)
     with pytest.raises(ValueError, match=r"`old_values` must have the same shape as `values`"):
-        value_loss(r, r, old_values=torch.zeros(3))
+        value_loss(r, returns=r, old_values=torch.zeros(3))
     with pytest.raises(TypeError, match="`advantages` must have a float dtype"):
         whiten_advantages(torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"`eps` must lie in \[0.0, inf\)"):

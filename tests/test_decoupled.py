@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _reference import verl
+from _reference.inclusion import loss_kwargs
+from chunkmask import Behaviour, Clip
 from chunkmask.aggregation import AGGREGATION_MODES
 from chunkmask.losses import decoupled_ppo_loss, interpolate_proximal_logp, masked_grpo_loss
 from chunkmask.selection import Selection
@@ -45,8 +47,8 @@ def test_no_staleness_is_the_on_policy_loss(mode, packed):
         adv = adv[:4]
         logp, prox, mask = logp[:4], prox[:4], mask[:4]
     kwargs = dict(loss_agg_mode=mode, dual_clip=3.0, clip_high=0.4)
-    got = decoupled_ppo_loss(logp, prox, prox, adv, sel, mask, **kwargs)
-    want = masked_grpo_loss(logp, prox, adv, sel, mask, **kwargs)
+    got = decoupled_ppo_loss(logp, **loss_kwargs(proximal_logp=prox, behaviour=Behaviour(prox), advantages=adv, selection=sel, mask=mask, **kwargs))
+    want = masked_grpo_loss(logp, **loss_kwargs(old_logp=prox, advantages=adv, selection=sel, mask=mask, **kwargs))
     assert got.loss.item() == want.loss.item()
     (g1,) = torch.autograd.grad(got.loss, logp)
     (g2,) = torch.autograd.grad(want.loss, logp)
@@ -87,17 +89,7 @@ def reference(logp, prox, behav, adv, mask, mode, *, cap, floor, cap_mode, clip=
 def test_matches_the_loop_reference(seed, mode, cap, floor, cap_mode):
     logp, prox, behav, adv, mask = batch(seed)
     mask[:, 0] = True
-    got = decoupled_ppo_loss(
-        logp,
-        prox,
-        behav,
-        adv,
-        mask=mask,
-        loss_agg_mode=mode,
-        behaviour_weight_cap=cap,
-        behaviour_weight_floor=floor,
-        cap_mode=cap_mode,
-    )
+    got = decoupled_ppo_loss(logp, proximal_logp=prox, behaviour=Behaviour(behav, cap=cap, floor=floor, mode=cap_mode), advantages=adv, mask=mask, loss_agg_mode=mode)
     want = reference(logp.detach(), prox, behav, adv, mask, mode, cap=cap, floor=floor,
                      cap_mode=cap_mode)
     assert got.loss.item() == pytest.approx(want.item(), rel=1e-6, abs=1e-9)
@@ -112,12 +104,12 @@ def test_masked_tokens_pass_no_gradient_but_keep_the_normaliser():
     logp, prox, behav, adv, mask = batch(3)
     mask[:] = True
     behav[0, :3] = prox[0, :3] - 5.0  # weight e^5 > cap: masked out
-    out = decoupled_ppo_loss(logp, prox, behav, adv, mask=mask, behaviour_weight_cap=2.0)
+    out = decoupled_ppo_loss(logp, proximal_logp=prox, behaviour=Behaviour(behav, cap=2.0), advantages=adv, mask=mask)
     (grad,) = torch.autograd.grad(out.loss, logp)
     assert torch.equal(grad[0, :3], torch.zeros(3, dtype=F64))
     # the other tokens' gradient is that of a token-mean over all 30 tokens
     weights = torch.exp(prox - behav).masked_fill(torch.exp(prox - behav) > 2.0, 0.0)
-    manual = decoupled_ppo_loss(logp, prox, behav, adv, mask=mask, behaviour_weight_cap=None)
+    manual = decoupled_ppo_loss(logp, proximal_logp=prox, behaviour=Behaviour(behav, cap=None), advantages=adv, mask=mask)
     (g_all,) = torch.autograd.grad(manual.loss, logp)
     unweighted = g_all / torch.exp(prox - behav)
     torch.testing.assert_close(grad, unweighted * weights)
@@ -128,26 +120,22 @@ def test_extreme_ratios_give_finite_values_and_gradients():
     prox = torch.tensor([[-150.0, -1.0, -1e-3]])
     behav = torch.tensor([[0.0, -300.0, -90.0]])
     for cap_mode in ("mask", "clamp"):
-        out = decoupled_ppo_loss(logp, prox, behav, torch.tensor([-3.0]), cap_mode=cap_mode,
-                                 dual_clip=3.0)
+        out = decoupled_ppo_loss(logp, proximal_logp=prox, behaviour=Behaviour(behav, mode=cap_mode), advantages=torch.tensor([-3.0]), clip=Clip(dual=3.0))
         assert all(torch.isfinite(v).all() for v in out)
         (grad,) = torch.autograd.grad(out.loss, logp)
         assert torch.isfinite(grad).all()
 
 
-def test_staleness_diagnostic():
+def test_on_policy_weight_diagnostics():
     logp, prox, behav, adv, mask = batch(4)
-    out = decoupled_ppo_loss(logp, prox, behav, adv, mask=mask,
-                             staleness=torch.tensor([0, 1, 2, 3, 4]))
-    per_row = mask.sum(1).double()
-    want = (per_row * torch.arange(5.0, dtype=F64)).sum() / per_row.sum()
-    assert out.staleness_mean.item() == pytest.approx(want.item())
+    out = decoupled_ppo_loss(logp, proximal_logp=prox, behaviour=Behaviour(prox), advantages=adv, mask=mask)
+    assert out.behaviour_weight_mean.item() == pytest.approx(1.0)
+    assert out.capped_frac.item() == 0.0
 
 
 def test_bfloat16_inputs():
     logp, prox, behav, adv, mask = batch(5)
-    out = decoupled_ppo_loss(logp.detach().bfloat16().requires_grad_(True), prox.bfloat16(),
-                             behav.bfloat16(), adv.bfloat16(), mask=mask)
+    out = decoupled_ppo_loss(logp.detach().bfloat16().requires_grad_(True), proximal_logp=prox.bfloat16(), behaviour=Behaviour(behav.bfloat16()), advantages=adv.bfloat16(), mask=mask)
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
 
 
@@ -155,15 +143,14 @@ def test_bfloat16_inputs():
     ("kwargs", "error", "match"),
     [
         (dict(behaviour_logp=torch.zeros(5, 5)), ValueError,
-         r"`behaviour_logp` must have the same shape as `logp`"),
+         r"`behaviour.logp` must have the same shape as `logp`"),
         (dict(proximal_logp=torch.zeros(5, 6).long()), TypeError, r"`proximal_logp` must have a float"),
-        (dict(cap_mode="drop"), ValueError, r"`cap_mode` must be one of"),
-        (dict(behaviour_weight_cap=0.0), ValueError, r"`behaviour_weight_cap` must lie in"),
-        (dict(behaviour_weight_floor=3.0), ValueError, r"`behaviour_weight_floor` must lie in"),
-        (dict(staleness=torch.zeros(4)), ValueError, r"`staleness` must have the shape of `logp`"),
-        (dict(behaviour_logp=torch.full((5, 6), float("nan"))), ValueError,
-         r"`behaviour_logp` must be finite"),
-        (dict(proximal_logp=torch.full((5, 6), float("nan"))), ValueError,
+        (dict(cap_mode="drop"), ValueError, r"`behaviour.mode` must be one of"),
+        (dict(behaviour_weight_cap=0.0), ValueError, r"`behaviour.cap` must lie in"),
+        (dict(behaviour_weight_floor=3.0), ValueError, r"`behaviour.floor` must lie in"),
+        (dict(behaviour_logp=torch.full((5, 6), float("nan")), validate_args=True), ValueError,
+         r"`behaviour.logp` must be finite"),
+        (dict(proximal_logp=torch.full((5, 6), float("nan")), validate_args=True), ValueError,
          r"`proximal_logp` must be finite"),
         (dict(mask=torch.ones(5, 6)), TypeError, r"`mask` must have a bool"),
     ],
@@ -174,7 +161,7 @@ def test_errors(kwargs, error, match):
         advantages=torch.zeros(5),
     )
     with pytest.raises(error, match=match):
-        unchecked(decoupled_ppo_loss)(**{**base, **kwargs})
+        unchecked(decoupled_ppo_loss)(**loss_kwargs(**{**base, **kwargs}))
 
 
 # ----------------------------------------------------------------------------- interpolation
@@ -209,7 +196,7 @@ def test_interpolation():
 )
 def test_interpolation_errors(args, error, match):
     with pytest.raises(error, match=match):
-        unchecked(interpolate_proximal_logp)(*args)
+        unchecked(interpolate_proximal_logp)(*args, validate_args=True)
 
 
 # ----------------------------------------------------------------------------- staleness
@@ -229,8 +216,8 @@ def test_staleness_and_filter():
     ("call", "error", "match"),
     [
         (lambda: staleness(torch.tensor([1.0]), 2), TypeError, r"`versions` must have an int"),
-        (lambda: staleness(torch.tensor([3]), 2), ValueError, r"`versions` must not be newer"),
-        (lambda: staleness(torch.tensor([-1]), 2), ValueError, r"`versions` must be >= 0"),
+        (lambda: staleness(torch.tensor([3]), 2, validate_args=True), ValueError, r"`versions` must not be newer"),
+        (lambda: staleness(torch.tensor([-1]), 2, validate_args=True), ValueError, r"`versions` must be >= 0"),
         (lambda: staleness(torch.tensor([1]), 2.0), TypeError, r"`current_version` must be an int"),
         (lambda: staleness_filter(torch.tensor([1]), 2, -1), ValueError, r"`max_staleness` must be >= 0"),
         (lambda: staleness_filter(torch.tensor([1]), 2, 1, torch.tensor([[True]])), ValueError,

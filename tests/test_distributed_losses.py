@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from _reference.inclusion import loss_kwargs, with_packed_inclusion
 from _spawn import run_workers
+from chunkmask import Clip
 from chunkmask.aggregation import AGGREGATION_MODES, loss_normalizers
 from chunkmask.inclusion import inclusion_probabilities
 from chunkmask.log_probs import chunk_log_prob
@@ -63,31 +65,16 @@ def compute_loss(kind, mode, sel, packed, policy, critic, **norms):
     mask = packed["token_mask"]
     if kind in ("grpo", "grpo_ht"):
         ht = kind == "grpo_ht"
-        return masked_grpo_loss(
-            token_logp,
-            packed["old_logp"],
-            packed["adv"],
-            sel,
-            mask,
-            loss_agg_mode=mode,
-            clip_low=0.2,
-            clip_high=0.28,
-            dual_clip=3.0,
-            estimator="horvitz_thompson" if ht else "masked",
-            inclusion=packed["inclusion"] if ht else None,
-            **norms,
-        ).loss
+        return masked_grpo_loss(token_logp, **loss_kwargs(old_logp=packed["old_logp"], advantages=packed["adv"], selection=with_packed_inclusion(sel, packed["inclusion"] if ht else None), mask=mask, loss_agg_mode=mode, estimator="horvitz_thompson" if ht else "masked", clip=Clip(low=0.2, high=0.28, dual=3.0), **norms)).loss
     chunk_mask = mask.any(-1)
     chunk_logp = chunk_log_prob(token_logp, mask)
     if kind == "ppo":
         old = chunk_log_prob(packed["old_logp"], mask)
-        return chunked_ppo_loss(
-            chunk_logp, old, packed["adv"], sel, chunk_mask, loss_agg_mode=mode, **norms
-        ).loss
+        return chunked_ppo_loss(chunk_logp, **loss_kwargs(old_logp=old, advantages=packed["adv"], selection=sel, mask=chunk_mask, loss_agg_mode=mode, **norms)).loss
     if kind == "value":
         values = packed["obs"].mean(-2) @ critic
-        return value_loss(values, packed["returns"], sel, chunk_mask, loss_agg_mode=mode, **norms)
-    return bc_loss(chunk_logp, sel, chunk_mask, loss_agg_mode=mode, event_size=K, **norms)
+        return value_loss(values, **loss_kwargs(returns=packed["returns"], selection=sel, mask=chunk_mask, loss_agg_mode=mode, **norms))
+    return bc_loss(chunk_logp, **loss_kwargs(selection=sel, mask=chunk_mask, loss_agg_mode=mode, event_size=K, **norms))
 
 
 def normalizers(kind, sel, packed, process_group=None):

@@ -69,4 +69,6 @@ def test_default_bounds_keep_exactly_the_groups_with_a_gradient():
 )
 def test_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
-        getattr(dynamic_sampling_mask, "__wrapped__", dynamic_sampling_mask)(**kwargs)
+        getattr(dynamic_sampling_mask, "__wrapped__", dynamic_sampling_mask)(
+            **{"validate_args": True, **kwargs}
+        )

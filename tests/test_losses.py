@@ -11,11 +11,14 @@ from hypothesis import strategies as st
 import chunkmask._checks
 from _reference import losses as ref
 from _reference import verl
+from _reference.inclusion import loss_kwargs, with_packed_inclusion
+from chunkmask import Clip, LossNormalizers, Regularizers
 from chunkmask.advantages import group_relative_advantages
 from chunkmask.aggregation import AGGREGATION_MODES, aggregate_loss
 from chunkmask.losses import (
     PolicyLossOutput,
     SurrogateOutput,
+    chunked_ppo_loss,
     clipped_surrogate,
     masked_grpo_loss,
 )
@@ -96,16 +99,7 @@ def packed_inputs(batch, token_mask, selection):
 
 
 def run(p, selection, **kwargs):
-    return masked_grpo_loss(
-        p["logp"],
-        p["old_logp"],
-        p["adv"],
-        selection,
-        p["mask"],
-        entropy=p.get("entropy"),
-        ref_logp=p.get("ref_logp"),
-        **kwargs,
-    )
+    return masked_grpo_loss(p["logp"], **loss_kwargs(old_logp=p["old_logp"], advantages=p["adv"], selection=selection, mask=p["mask"], regularizers=Regularizers(entropy=p.get("entropy"), ref_logp=p.get("ref_logp")), **kwargs))
 
 
 def nested(x):
@@ -121,7 +115,7 @@ def test_clipped_surrogate_matches_loop(dual_clip):
     logp = -torch.rand(40, 5, generator=g, dtype=F64)
     old = logp + 0.6 * torch.randn(40, 5, generator=g, dtype=F64)
     adv = torch.randn(40, generator=g, dtype=F64)
-    out = clipped_surrogate(logp, old, adv, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip)
+    out = clipped_surrogate(logp, old_logp=old, advantages=adv, clip=Clip(low=0.2, high=0.28, dual=dual_clip))
     assert isinstance(out, SurrogateOutput)
     want = torch.tensor(
         [
@@ -151,12 +145,12 @@ def test_clipped_surrogate_matches_loop(dual_clip):
 
 def test_clipped_surrogate_log_ratio_clamp_and_broadcast():
     logp = torch.tensor([[50.0, -50.0]])
-    out = clipped_surrogate(logp, torch.zeros(1, 2), torch.tensor([[-1.0, 1.0]]))
+    out = clipped_surrogate(logp, old_logp=torch.zeros(1, 2), advantages=torch.tensor([[-1.0, 1.0]]))
     torch.testing.assert_close(out.ratio, torch.tensor([[math.exp(20.0), math.exp(-20.0)]]))
     # A = -1 with ratio e^20: max(e^20, 0.8 clip) = e^20; A = 1 with ratio e^-20: -e^-20.
     torch.testing.assert_close(out.loss, torch.tensor([[math.exp(20.0), -math.exp(-20.0)]]))
-    per_token = clipped_surrogate(logp, torch.zeros(1, 2), torch.tensor([2.0, 2.0])[None])
-    broadcast = clipped_surrogate(logp, torch.zeros(1, 2), torch.tensor([2.0]))
+    per_token = clipped_surrogate(logp, old_logp=torch.zeros(1, 2), advantages=torch.tensor([2.0, 2.0])[None])
+    broadcast = clipped_surrogate(logp, old_logp=torch.zeros(1, 2), advantages=torch.tensor([2.0]))
     torch.testing.assert_close(per_token.loss, broadcast.loss)
     assert broadcast.loss.shape == (1, 2)
 
@@ -166,8 +160,8 @@ def test_clipped_surrogate_bf16_computes_in_float32():
     logp = (-torch.rand(8, 4, generator=g)).bfloat16()
     old = (logp.float() + 0.3 * torch.randn(8, 4, generator=g)).bfloat16()
     adv = torch.randn(8, generator=g).bfloat16()
-    out = clipped_surrogate(logp, old, adv)
-    want = clipped_surrogate(logp.float(), old.float(), adv.float())
+    out = clipped_surrogate(logp, old_logp=old, advantages=adv)
+    want = clipped_surrogate(logp.float(), old_logp=old.float(), advantages=adv.float())
     assert out.loss.dtype == torch.float32
     torch.testing.assert_close(out.loss, want.loss)
 
@@ -344,12 +338,7 @@ def test_full_selection_equals_full_batch_with_empty_trajectories(mode):
     token_mask[2] = False
     sel = Selection.from_mask(valid)
     out = run(packed_inputs(batch, token_mask, sel), sel, loss_agg_mode=mode, dual_clip=3.0)
-    surr = clipped_surrogate(
-        torch.where(token_mask, batch["logp"], 0.0),
-        torch.where(token_mask, batch["old_logp"], 0.0),
-        batch["adv"][:, None, None].expand(traj, n, tokens).contiguous(),
-        dual_clip=3.0,
-    ).loss.reshape(traj, n * tokens)
+    surr = clipped_surrogate(torch.where(token_mask, batch["logp"], 0.0), old_logp=torch.where(token_mask, batch["old_logp"], 0.0), advantages=batch["adv"][:, None, None].expand(traj, n, tokens).contiguous(), clip=Clip(dual=3.0)).loss.reshape(traj, n * tokens)
     want = aggregate_loss(surr, token_mask.reshape(traj, n * tokens), mode)
     torch.testing.assert_close(out.policy_loss, want)
 
@@ -594,14 +583,14 @@ def test_diagnostics():
     adv = torch.tensor([1.0, -1.0, 1.0], dtype=F64)
     mask = torch.tensor([[True, True], [True, True], [True, False]])
     sel = Selection.from_mask(torch.tensor([[True, True], [True, False]]))
-    out = masked_grpo_loss(logp, old, adv, sel, mask, dual_clip=3.0)
+    out = masked_grpo_loss(logp, old_logp=old, advantages=adv, selection=sel, mask=mask, clip=Clip(dual=3.0))
     assert out.clip_frac_high.item() == pytest.approx(1 / 5)  # 1.5 > 1.28 with A > 0
     assert out.clip_frac_low.item() == pytest.approx(1 / 5)  # 0.5 < 0.8 with A < 0
     assert out.dual_clip_frac.item() == pytest.approx(1 / 5)  # 4 > 3 with A < 0
     lr = torch.log(torch.tensor([1.5, 0.5, 0.5, 4.0, 1.0], dtype=F64))
     assert out.approx_kl.item() == pytest.approx(float(-lr.mean()))
     assert not out.approx_kl.requires_grad
-    zero = masked_grpo_loss(logp, old, adv, sel, mask)
+    zero = masked_grpo_loss(logp, old_logp=old, advantages=adv, selection=sel, mask=mask)
     assert zero.entropy_loss.item() == 0.0 and zero.kl_loss.item() == 0.0
 
 
@@ -610,16 +599,9 @@ def test_empty_selection_gives_zero_loss_and_finite_grads():
     logp = torch.zeros(0, 2, requires_grad=True)
     for mode in MODES:
         for estimator in ("masked", "horvitz_thompson"):
-            out = masked_grpo_loss(
-                logp,
-                logp.detach(),
-                torch.zeros(0),
-                sel,
-                loss_agg_mode=mode,
-                estimator=estimator,
-                inclusion=torch.zeros(0) + 0.5,
-            )
-            assert all(v.item() == 0.0 for v in out)
+            out = masked_grpo_loss(logp, old_logp=logp.detach(), advantages=torch.zeros(0), selection=with_packed_inclusion(sel, torch.zeros(0) + 0.5), loss_agg_mode=mode, estimator=estimator)
+            assert all(v.item() == 0.0 for v in out[:-1])  # all but the on-policy weight 1
+            assert out.behaviour_weight_mean.item() == 1.0
             (grad,) = torch.autograd.grad(out.loss, logp)
             assert grad.shape == (0, 2)
 
@@ -648,7 +630,7 @@ def test_gradcheck_clipped_surrogate():
     old = logp.detach() + 0.5 * torch.randn(6, 3, generator=g, dtype=F64)
     adv = torch.randn(6, generator=g, dtype=F64).requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda lp, a: clipped_surrogate(lp, old, a, dual_clip=1.5).loss, (logp, adv)
+        lambda lp, a: clipped_surrogate(lp, old_logp=old, advantages=a, clip=Clip(dual=1.5)).loss, (logp, adv)
     )
 
 
@@ -666,21 +648,7 @@ def test_gradcheck_masked_grpo_loss(mode, estimator):
     adv = p["adv"].clone().requires_grad_(True)
 
     def f(logp, entropy, ref_logp, advantages):
-        return masked_grpo_loss(
-            logp,
-            torch.where(m, p["old_logp"], 0.0),
-            advantages,
-            sel,
-            m,
-            dual_clip=3.0,
-            loss_agg_mode=mode,
-            estimator=estimator,
-            inclusion=inclusion,
-            entropy=entropy,
-            entropy_coef=0.1,
-            ref_logp=ref_logp,
-            kl_coef=0.2,
-        ).loss
+        return masked_grpo_loss(logp, old_logp=torch.where(m, p["old_logp"], 0.0), advantages=advantages, selection=with_packed_inclusion(sel, inclusion), mask=m, loss_agg_mode=mode, estimator=estimator, clip=Clip(dual=3.0), regularizers=Regularizers(entropy=entropy, entropy_coef=0.1, ref_logp=ref_logp, kl_coef=0.2)).loss
 
     assert torch.autograd.gradcheck(f, (*args, adv))
 
@@ -728,28 +696,13 @@ def test_torch_compile_fullgraph():
     batch, valid, token_mask = make_batch(16, traj=4, n=5, tokens=3, dtype=torch.float32)
     sel = Selection.from_mask(valid)
     p = packed_inputs(batch, token_mask, sel)
-    inc = torch.full((p["logp"].shape[0],), 0.5)
+    sel = with_packed_inclusion(sel, torch.full((p["logp"].shape[0],), 0.5))
 
-    def f(logp, old_logp, adv, selection, mask, entropy, ref_logp, inclusion):
-        return masked_grpo_loss(
-            logp,
-            old_logp,
-            adv,
-            selection,
-            mask,
-            loss_agg_mode="seq-mean-token-mean",
-            estimator="horvitz_thompson",
-            inclusion=inclusion,
-            dual_clip=3.0,
-            entropy=entropy,
-            entropy_coef=0.01,
-            ref_logp=ref_logp,
-            kl_coef=0.1,
-            validate_args=False,
-        )
+    def f(logp, old_logp, adv, selection, mask, entropy, ref_logp):
+        return masked_grpo_loss(logp, old_logp=old_logp, advantages=adv, selection=selection, mask=mask, loss_agg_mode="seq-mean-token-mean", estimator="horvitz_thompson", validate_args=False, clip=Clip(dual=3.0), regularizers=Regularizers(entropy=entropy, entropy_coef=0.01, ref_logp=ref_logp, kl_coef=0.1))
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    args = (p["logp"], p["old_logp"], p["adv"], sel, p["mask"], p["entropy"], p["ref_logp"], inc)
+    args = (p["logp"], p["old_logp"], p["adv"], sel, p["mask"], p["entropy"], p["ref_logp"])
     got = compiled(*args)
     want = f(*args)
     for a, b in zip(got, want, strict=True):
@@ -795,24 +748,14 @@ def _ok():
         (dict(selection=(1, 2)), TypeError, r"`selection` must be a chunkmask.Selection, got tuple"),
         (dict(loss_agg_mode="seq-mean"), ValueError, r"`loss_agg_mode` must be one of"),
         (dict(estimator="ht"), ValueError, r"`estimator` must be one of"),
-        (dict(kl_type="k4"), ValueError, r"`kl_type` must be one of"),
-        (dict(clip_low=-0.1), ValueError, r"`clip_low` must lie in \[0.0, 1.0\]"),
-        (dict(clip_low=1.5), ValueError, r"`clip_low` must lie in"),
-        (dict(clip_high=-0.1), ValueError, r"`clip_high` must lie in"),
-        (dict(clip_high=float("nan")), ValueError, r"`clip_high` must be finite"),
-        (dict(dual_clip=1.0), ValueError, r"`dual_clip` must lie in \(1.0, inf\)"),
-        (dict(dual_clip=0.5), ValueError, r"`dual_clip` must lie in"),
-        (dict(estimator="horvitz_thompson"), ValueError, r"`inclusion` is required"),
-        (
-            dict(estimator="horvitz_thompson", inclusion=torch.ones(2)),
-            ValueError,
-            r"`inclusion` must have shape \(3,\), got \(2,\)",
-        ),
-        (
-            dict(estimator="horvitz_thompson", inclusion=torch.ones(3, dtype=torch.int64)),
-            TypeError,
-            r"`inclusion` must have a float",
-        ),
+        (dict(kl_type="k4"), ValueError, r"`regularizers.kl_type` must be one of"),
+        (dict(clip_low=-0.1), ValueError, r"`clip.low` must lie in \[0.0, 1.0\]"),
+        (dict(clip_low=1.5), ValueError, r"`clip.low` must lie in"),
+        (dict(clip_high=-0.1), ValueError, r"`clip.high` must lie in"),
+        (dict(clip_high=float("nan")), ValueError, r"`clip.high` must be finite"),
+        (dict(dual_clip=1.0), ValueError, r"`clip.dual` must lie in \(1.0, inf\)"),
+        (dict(dual_clip=0.5), ValueError, r"`clip.dual` must lie in"),
+        (dict(estimator="horvitz_thompson"), ValueError, r"`selection.inclusion` is required"),
         (
             dict(
                 estimator="horvitz_thompson",
@@ -820,7 +763,7 @@ def _ok():
                 validate_args=True,
             ),
             ValueError,
-            r"`inclusion` must lie in \(0, 1\], got 1 value",
+            r"`selection.inclusion` must lie in \(0, 1\], got 1 value",
         ),
         (
             dict(
@@ -829,16 +772,16 @@ def _ok():
                 validate_args=True,
             ),
             ValueError,
-            r"`inclusion` must lie in \(0, 1\]",
+            r"`selection.inclusion` must lie in \(0, 1\]",
         ),
-        (dict(entropy_coef=0.1), ValueError, r"`entropy` is required"),
-        (dict(kl_coef=0.1), ValueError, r"`ref_logp` is required"),
-        (dict(entropy=torch.zeros(3, 1)), ValueError, r"`entropy` must have the same shape"),
-        (dict(ref_logp=torch.zeros(2, 2)), ValueError, r"`ref_logp` must have the same shape"),
+        (dict(entropy_coef=0.1), ValueError, r"`regularizers.entropy` is required"),
+        (dict(kl_coef=0.1), ValueError, r"`regularizers.ref_logp` is required"),
+        (dict(entropy=torch.zeros(3, 1)), ValueError, r"`regularizers.entropy` must have the same shape"),
+        (dict(ref_logp=torch.zeros(2, 2)), ValueError, r"`regularizers.ref_logp` must have the same shape"),
         (
             dict(entropy_coef=float("inf"), entropy=torch.zeros(3, 2)),
             ValueError,
-            r"`entropy_coef` must be finite",
+            r"`regularizers.entropy_coef` must be finite",
         ),
         (
             dict(
@@ -863,9 +806,10 @@ def _ok():
     ],
 )
 def test_masked_grpo_loss_errors(change, error, match):
+    """Each bad argument gets an error that names it."""
     kwargs = {**_ok(), **change}
     with pytest.raises(error, match=match):
-        unchecked(masked_grpo_loss)(**kwargs)
+        unchecked(masked_grpo_loss)(**loss_kwargs(**kwargs))
 
 
 @pytest.mark.parametrize(
@@ -898,7 +842,7 @@ def test_masked_grpo_loss_errors(change, error, match):
                 clip_low=-0.2,
             ),
             ValueError,
-            r"`clip_low` must lie in",
+            r"`clip.low` must lie in",
         ),
         (
             dict(
@@ -908,7 +852,7 @@ def test_masked_grpo_loss_errors(change, error, match):
                 dual_clip=1.0,
             ),
             ValueError,
-            r"`dual_clip` must lie in",
+            r"`clip.dual` must lie in",
         ),
         (
             dict(
@@ -918,13 +862,13 @@ def test_masked_grpo_loss_errors(change, error, match):
                 log_ratio_clamp=0.0,
             ),
             ValueError,
-            r"`log_ratio_clamp` must lie in",
+            r"`clip.log_ratio_clamp` must lie in",
         ),
     ],
 )
 def test_clipped_surrogate_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
-        unchecked(clipped_surrogate)(**kwargs)
+        unchecked(clipped_surrogate)(**loss_kwargs(**kwargs))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -941,9 +885,7 @@ def test_without_selection_rows_are_verls_sequences(mode, dp_size):
     norms = dict(batch_num_tokens=3 * int(mask.sum()), global_batch_size=17, loss_scale_factor=32)
     if dp_size == 1:
         norms = {}
-    out = masked_grpo_loss(
-        logp, old, adv, None, mask, loss_agg_mode=mode, dual_clip=3.0, dp_size=dp_size, **norms
-    )
+    out = masked_grpo_loss(logp, **loss_kwargs(old_logp=old, advantages=adv, selection=None, mask=mask, loss_agg_mode=mode, clip=Clip(dual=3.0), norms=LossNormalizers(dp_size=dp_size), **norms))
     adv_rows = adv[:, None].expand(traj, length)
     pessimistic = torch.maximum(
         -adv_rows * torch.exp(logp - old),
@@ -955,3 +897,60 @@ def test_without_selection_rows_are_verls_sequences(mode, dp_size):
     (ours,) = torch.autograd.grad(out.loss, logp)
     (theirs,) = torch.autograd.grad(want, logp)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("inclusion", "error", "match"),
+    [
+        (lambda sel: torch.ones(sel.num_traj + 1, sel.k), ValueError,
+         r"`selection.inclusion` must have shape"),
+        (lambda sel: torch.ones(sel.mask.shape, dtype=torch.int64), TypeError,
+         r"`selection.inclusion` must have a float"),
+    ],
+)
+def test_selection_inclusion_errors(inclusion, error, match):
+    kwargs = _ok()
+    sel = kwargs["selection"]
+    kwargs["selection"] = sel._replace(inclusion=inclusion(sel))
+    with pytest.raises(error, match=match):
+        masked_grpo_loss(**kwargs, estimator="horvitz_thompson")
+
+
+def test_swapped_tensors_fail_loudly():
+    """Every tensor after `logp` is keyword-only: the verl-order trap is a TypeError."""
+    logp, old, adv = torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3)
+    for loss in (masked_grpo_loss, chunked_ppo_loss, clipped_surrogate):
+        with pytest.raises(TypeError, match="positional argument"):
+            loss(old, logp, adv)
+
+
+def test_default_loss_calls_make_no_host_sync():
+    """Default calls read no tensor contents (no value checks, no data-dependent shapes)."""
+    from _sync import SyncRecorder
+    from chunkmask import Behaviour, bc_loss, decoupled_ppo_loss, value_loss
+
+    sel = with_packed_inclusion(
+        Selection.from_mask(torch.tensor([[True, True, False], [True, False, False]])),
+        torch.tensor([0.5, 0.5, 1.0]),
+    )
+    logp = -torch.rand(3, 4, requires_grad=True)
+    old, adv = logp.detach() - 0.1, torch.randn(3)
+    calls = [
+        lambda v: masked_grpo_loss(logp, old_logp=old, advantages=adv, selection=sel,
+                                   validate_args=v).loss,
+        lambda v: masked_grpo_loss(logp, old_logp=old, advantages=adv, selection=sel,
+                                   estimator="horvitz_thompson", validate_args=v).loss,
+        lambda v: chunked_ppo_loss(logp[:, 0], old_logp=old[:, 0], advantages=adv,
+                                   selection=sel, validate_args=v).loss,
+        lambda v: decoupled_ppo_loss(logp, proximal_logp=old, behaviour=Behaviour(old - 0.2),
+                                     advantages=adv, selection=sel, validate_args=v).loss,
+        lambda v: value_loss(logp[:, 0], returns=old[:, 0], selection=sel, validate_args=v),
+        lambda v: bc_loss(logp[:, 0], selection=sel, validate_args=v),
+    ]
+    for call in calls:
+        with SyncRecorder() as rec:
+            call(False).backward()
+        assert rec.ops == []
+        with SyncRecorder() as rec:  # the recorder does see the value checks
+            call(True)
+        assert "_local_scalar_dense" in " ".join(rec.ops)

@@ -57,7 +57,7 @@ def test_quick_run_all_variants(tmp_path, monkeypatch):
     # The study driver aggregates exactly what the example wrote.
     docs = tmp_path / "docs"
     study.main(["--aggregate", "--results", str(tmp_path), "--docs", str(docs),
-                "--tasks", "pick-place-v3"])
+                "--summary", str(docs / "chunked_ppo.json"), "--tasks", "pick-place-v3"])
     summary = json.loads((docs / "chunked_ppo.json").read_text())["tasks"]["pick-place-v3"]
     assert list(summary) == ["sft", *ex.VARIANTS]
     assert summary["ppo"]["success"] == results["ppo"]["final"]["success"]
@@ -149,7 +149,7 @@ def test_study_runs_resumes_and_aggregates(tmp_path, monkeypatch):
     assert [c[c.index("--seed") + 1] for c in calls[2:]] == ["1"]
     out = study.main(["--aggregate", "--results", str(results), "--docs", str(docs),
                       "--tasks", "pick-place-v3"])
-    saved = json.loads((docs / "chunked_ppo.json").read_text())
+    saved = json.loads(results.with_suffix(".json").read_text())  # the default --summary
     task = saved["tasks"]["pick-place-v3"]
     assert list(task) == ["sft", "ppo", "ppo_sbc+constant"]
     both = task["ppo_sbc+constant"]

@@ -291,9 +291,9 @@ def test_label_errors():
     with pytest.raises(TypeError, match="`window`"):
         label_gripper_phases(f, window=1.5)
     with pytest.raises(ValueError, match="`close_fraction`.*finite"):
-        label_gripper_phases(torch.tensor([[0.0, float("nan")]]))
+        label_gripper_phases(torch.tensor([[0.0, float("nan")]]), validate_args=True)
     with pytest.raises(ValueError, match=r"`close_fraction`.*\[0, 1\]"):
-        label_gripper_phases(torch.tensor([[0.0, 1.5]]))
+        label_gripper_phases(torch.tensor([[0.0, 1.5]]), validate_args=True)
     # Bad values at padding are fine, and validation can be switched off.
     label_gripper_phases(torch.tensor([[0.0, 1.5]]), torch.tensor([[True, False]]))
     label_gripper_phases(torch.tensor([[0.0, 1.5]]), validate_args=False)
@@ -419,7 +419,7 @@ def test_onset_errors():
     with pytest.raises(ValueError, match=r"`active` must lie in \[0.0, 1.0\], got 1.5"):
         label_grasp_onset(f, active=1.5)
     with pytest.raises(ValueError, match="`close_fraction`.*finite"):
-        label_grasp_onset(torch.tensor([[0.0, float("nan")]]))
+        label_grasp_onset(torch.tensor([[0.0, float("nan")]]), validate_args=True)
     with pytest.raises(ValueError, match=r"`close_fraction`.*\[0, 1\]"):
-        label_grasp_onset(torch.tensor([[0.0, 1.5]]))
+        label_grasp_onset(torch.tensor([[0.0, 1.5]]), validate_args=True)
     label_grasp_onset(torch.tensor([[0.0, 1.5]]), torch.tensor([[True, False]]))

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 import chunkmask._checks
 from _reference import losses as ref
 from _reference import verl
+from _reference.inclusion import loss_kwargs, with_packed_inclusion
+from chunkmask import Clip, Regularizers
 from chunkmask.advantages import group_relative_advantages
 from chunkmask.aggregation import AGGREGATION_MODES, aggregate_loss
 from chunkmask.allocation import (
@@ -143,20 +145,7 @@ def test_loss_on_shrunk_sample_equals_loss_with_unselected_chunks_removed(
     )
     ht = estimator == "horvitz_thompson"
     kwargs = dict(dual_clip=dual_clip, entropy_coef=0.01, kl_coef=0.1, kl_type="k3")
-    out = masked_grpo_loss(
-        batch["logp"],
-        batch["old_logp"],
-        batch["adv"],
-        sel,
-        batch["mask"],
-        loss_agg_mode=mode,
-        estimator=estimator,
-        inclusion=batch["pi"] if ht else None,
-        entropy=batch["entropy"],
-        ref_logp=batch["ref_logp"],
-        validate_args=True,
-        **kwargs,
-    )
+    out = masked_grpo_loss(batch["logp"], **loss_kwargs(old_logp=batch["old_logp"], advantages=batch["adv"], selection=with_packed_inclusion(sel, batch["pi"] if ht else None), mask=batch["mask"], loss_agg_mode=mode, estimator=estimator, validate_args=True, regularizers=Regularizers(entropy=batch["entropy"], ref_logp=batch["ref_logp"]), **kwargs))
     chosen = sel.chunk_mask()
     want = ref.masked_grpo_loss(
         nested(b["logp"]),
@@ -234,20 +223,7 @@ def test_full_selection_equals_full_batch_grpo_in_every_mode(seed, traj, n, toke
             },
             sel,
         )
-        out = masked_grpo_loss(
-            batch["logp"],
-            batch["old"],
-            batch["adv"],
-            sel,
-            batch["mask"],
-            loss_agg_mode=mode,
-            dual_clip=dual_clip,
-            entropy=batch["ent"],
-            entropy_coef=1e-3,
-            ref_logp=batch["ref"],
-            kl_coef=0.05,
-            kl_type="k3",
-        )
+        out = masked_grpo_loss(batch["logp"], old_logp=batch["old"], advantages=batch["adv"], selection=sel, mask=batch["mask"], loss_agg_mode=mode, clip=Clip(dual=dual_clip), regularizers=Regularizers(entropy=batch["ent"], entropy_coef=1e-3, ref_logp=batch["ref"], kl_coef=0.05, kl_type="k3"))
         # verl on the full batch: one row of n * tokens tokens per trajectory.
         rows = lambda x: torch.where(token_mask, x, 0.0).reshape(traj, n * tokens)  # noqa: E731
         response_mask = token_mask.reshape(traj, n * tokens)
@@ -433,15 +409,7 @@ def run_pipeline(gripper, actions, success, valid, k, *, buffer=None):
     old = torch.full((traj, n, tokens), -1.2, dtype=F64)
     batch = shrink({"logp": logp, "old": old, "adv": adv, "pi": pi}, sel)
     outs = {
-        est: masked_grpo_loss(
-            batch["logp"],
-            batch["old"],
-            batch["adv"],
-            sel,
-            estimator=est,
-            inclusion=batch["pi"],
-            validate_args=True,
-        )
+        est: masked_grpo_loss(batch["logp"], old_logp=batch["old"], advantages=batch["adv"], selection=with_packed_inclusion(sel, batch["pi"]), estimator=est, validate_args=True)
         for est in ("masked", "horvitz_thompson")
     }
     return dict(
@@ -522,9 +490,7 @@ def test_degenerate_empty_trajectory_and_k_above_N():
         "seq-mean-token-sum-norm": -2.0 / 7,  # divided by G = 1 and by k * tokens
     }
     for mode in MODES:
-        out = masked_grpo_loss(
-            batch["logp"], batch["logp"].detach(), batch["adv"], sel, loss_agg_mode=mode
-        )
+        out = masked_grpo_loss(batch["logp"], old_logp=batch["logp"].detach(), advantages=batch["adv"], selection=sel, loss_agg_mode=mode)
         assert out.loss.item() == pytest.approx(expected[mode], rel=1e-12)
     seg = label_time_segments(valid, num_segments=3)
     assert seg.tolist() == [[0, 1, -1], [-1, -1, -1]]
@@ -571,12 +537,7 @@ BAD_INPUTS = [
     ),
     (
         "shape",
-        lambda: masked_grpo_loss(
-            torch.zeros(3, 2),
-            torch.zeros(3, 3),
-            torch.zeros(3),
-            Selection.from_mask(torch.ones(1, 3).bool()),
-        ),
+        lambda: masked_grpo_loss(torch.zeros(3, 2), old_logp=torch.zeros(3, 3), advantages=torch.zeros(3), selection=Selection.from_mask(torch.ones(1, 3).bool())),
         ValueError,
         r"`old_logp` must have the same shape as `logp` \(3, 2\), got \(3, 3\)",
     ),
@@ -607,12 +568,7 @@ BAD_INPUTS = [
     ),
     (
         "dtype",
-        lambda: masked_grpo_loss(
-            torch.zeros(3).long(),
-            torch.zeros(3),
-            torch.zeros(3),
-            Selection.from_mask(torch.ones(1, 3).bool()),
-        ),
+        lambda: masked_grpo_loss(torch.zeros(3).long(), old_logp=torch.zeros(3), advantages=torch.zeros(3), selection=Selection.from_mask(torch.ones(1, 3).bool())),
         TypeError,
         r"`logp` must have a float dtype, got torch.int64",
     ),
@@ -631,37 +587,37 @@ BAD_INPUTS = [
     # NaN/Inf rewards or scores
     (
         "nan",
-        lambda: group_relative_advantages(torch.tensor([1.0, NAN]), torch.zeros(2).long()),
+        lambda: group_relative_advantages(torch.tensor([1.0, NAN]), torch.zeros(2).long(), validate_args=True),
         ValueError,
         r"`rewards` must be finite, got 1 NaN/Inf",
     ),
     (
         "nan",
-        lambda: group_relative_advantages(torch.tensor([1.0, math.inf]), torch.zeros(2).long()),
+        lambda: group_relative_advantages(torch.tensor([1.0, math.inf]), torch.zeros(2).long(), validate_args=True),
         ValueError,
         r"`rewards` must be finite, got 1 NaN/Inf",
     ),
     (
         "nan",
-        lambda: keep_probabilities(torch.tensor([NAN, 1.0])),
+        lambda: keep_probabilities(torch.tensor([NAN, 1.0]), validate_args=True),
         ValueError,
         r"`scores` must be finite and non-negative at defined phases, got 1 bad",
     ),
     (
         "nan",
-        lambda: keep_probabilities(torch.tensor([math.inf, 1.0])),
+        lambda: keep_probabilities(torch.tensor([math.inf, 1.0]), validate_args=True),
         ValueError,
         r"`scores` must be finite and non-negative at defined phases, got 1 bad",
     ),
     (
         "nan",
-        lambda: PhaseScoreBuffer(2).update(torch.tensor([math.inf, 1.0])),
+        lambda: PhaseScoreBuffer(2).update(torch.tensor([math.inf, 1.0]), validate_args=True),
         ValueError,
         r"`scores` must be finite and non-negative at defined phases, got 1 bad",
     ),
     (
         "nan",
-        lambda: PhaseScoreBuffer(2).update(torch.tensor([NAN, 1.0])),
+        lambda: PhaseScoreBuffer(2).update(torch.tensor([NAN, 1.0]), validate_args=True),
         ValueError,
         r"`scores` must be finite and non-negative at defined phases, got 1 bad",
     ),
@@ -673,19 +629,19 @@ BAD_INPUTS = [
     ),
     (
         "nan",
-        lambda: topk_sample(torch.tensor([[1.0, NAN]]), 1),
+        lambda: topk_sample(torch.tensor([[1.0, NAN]]), 1, validate_args=True),
         ValueError,
         r"`scores` must not be NaN at valid chunks",
     ),
     (
         "nan",
-        lambda: top_phase_sample(torch.tensor([[0, 1]]), torch.tensor([NAN, 1.0]), 1),
+        lambda: top_phase_sample(torch.tensor([[0, 1]]), torch.tensor([NAN, 1.0]), 1, validate_args=True),
         ValueError,
         r"`scores` must not contain NaN",
     ),
     (
         "nan",
-        lambda: plackett_luce_sample(torch.tensor([[1.0, math.inf]]), 1),
+        lambda: plackett_luce_sample(torch.tensor([[1.0, math.inf]]), 1, validate_args=True),
         ValueError,
         r"`weights` must be finite and non-negative at valid chunks, got 1 bad",
     ),
@@ -697,19 +653,14 @@ BAD_INPUTS = [
             torch.tensor([True, False]),
             torch.zeros(2).long(),
             num_phases=1,
+            validate_args=True,
         ),
         ValueError,
         r"`features` must be finite, got 1 NaN/Inf",
     ),
     (
         "nan",
-        lambda: masked_grpo_loss(
-            torch.zeros(2),
-            torch.zeros(2),
-            torch.tensor([NAN, 0.0]),
-            Selection.from_mask(torch.ones(1, 2).bool()),
-            validate_args=True,
-        ),
+        lambda: masked_grpo_loss(torch.zeros(2), old_logp=torch.zeros(2), advantages=torch.tensor([NAN, 0.0]), selection=Selection.from_mask(torch.ones(1, 2).bool()), validate_args=True),
         ValueError,
         r"`advantages` must be finite",
     ),
@@ -718,19 +669,19 @@ BAD_INPUTS = [
         "budget",
         lambda: plackett_luce_sample(torch.ones(2, 4), 0),
         ValueError,
-        r"`k` must be > 0, got 0",
+        r"`budget` must be > 0, got 0",
     ),
     (
         "budget",
         lambda: uniform_sample(torch.ones(2, 4).bool(), -1),
         ValueError,
-        r"`k` must be > 0, got -1",
+        r"`budget` must be > 0, got -1",
     ),
     (
         "budget",
         lambda: inclusion_probabilities(torch.ones(2, 4), 0),
         ValueError,
-        r"`k` must be > 0, got 0",
+        r"`budget` must be > 0, got 0",
     ),
     (
         "budget",
@@ -909,15 +860,7 @@ def test_pipeline_on_device_and_dtype_matches_cpu_float64(device, dtype):
             },
             sel,
         )
-        out = masked_grpo_loss(
-            batch["logp"],
-            batch["old"],
-            batch["adv"],
-            sel,
-            batch["mask"],
-            estimator="horvitz_thompson",
-            inclusion=batch["pi"],
-        )
+        out = masked_grpo_loss(batch["logp"], old_logp=batch["old"], advantages=batch["adv"], selection=with_packed_inclusion(sel, batch["pi"]), mask=batch["mask"], estimator="horvitz_thompson")
         return dict(
             frac=frac,
             phases=phases,
@@ -969,7 +912,7 @@ def test_sample_shrink_loss_compile_fullgraph_together():
         batch = shrink(
             {"logp": logp, "old": old, "adv": adv}, sel, size=traj * k, validate_args=False
         )
-        return masked_grpo_loss(batch["logp"], batch["old"], batch["adv"], sel, dual_clip=3.0).loss
+        return masked_grpo_loss(batch["logp"], old_logp=batch["old"], advantages=batch["adv"], selection=sel, clip=Clip(dual=3.0)).loss
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     results = []

@@ -242,8 +242,22 @@ def test_rest_shapes_are_flattened():
     batch = make_batch(3, rest=(4, 2))
     flat = dict(batch, features=batch["features"].reshape(*batch["features"].shape[:2], 8))
     assert_same(run(batch), run(flat))
+    # (traj, chunk) features are one coordinate: the same as (traj, chunk, 1), and the reference.
     no_rest = dict(batch, features=batch["features"][..., 0, 0])
-    run(no_rest)  # (traj, chunk) features: one coordinate
+    got = run(no_rest)
+    assert_same(got, run(dict(no_rest, features=no_rest["features"][..., None])))
+    ref = success_failure_variance_ref(
+        no_rest["features"][..., None].numpy(),
+        batch["phases"].numpy(),
+        batch["success"].numpy(),
+        batch["group"].numpy(),
+        4,
+        batch["valid"].numpy(),
+        "uniform",
+    )
+    torch.testing.assert_close(got.scores, torch.from_numpy(ref[0]).float())
+    assert got.defined.tolist() == ref[1].tolist()
+    assert got.defined.any()  # the batch is informative, so the comparison is not vacuous
 
 
 # ---------------------------------------------------------------- errors
@@ -297,12 +311,14 @@ def test_variance_errors():
     bad = f.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="`features`.*finite"):
-        call(features=bad, valid=torch.ones(4, 3, dtype=torch.bool))
-    call(features=bad, valid=torch.ones(4, 3, dtype=torch.bool), validate_args=False)
+        call(features=bad, valid=torch.ones(4, 3, dtype=torch.bool), validate_args=True)
+    call(features=bad, valid=torch.ones(4, 3, dtype=torch.bool))  # the default reads no values
     with pytest.raises(ValueError, match=r"`phases`.*\[0, 4\).*\[4\]"):
-        call(phases=torch.full((4, 3), 4), valid=torch.ones(4, 3, dtype=torch.bool))
+        call(phases=torch.full((4, 3), 4), valid=torch.ones(4, 3, dtype=torch.bool),
+             validate_args=True)
     with pytest.raises(ValueError, match=r"`phases`.*\[-1\]"):
-        call(phases=torch.full((4, 3), -1), valid=torch.ones(4, 3, dtype=torch.bool))
+        call(phases=torch.full((4, 3), -1), valid=torch.ones(4, 3, dtype=torch.bool),
+             validate_args=True)
     # Without validation, out-of-range ids at valid chunks are ignored.
     out = call(phases=torch.full((4, 3), 9), validate_args=False)
     assert not out.defined.any()
@@ -516,15 +532,15 @@ def test_buffer_errors():
     with pytest.raises(ValueError, match=r"`defined`.*\(3,\)"):
         buf.update(torch.zeros(3), torch.zeros(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="`scores`.*finite and non-negative"):
-        buf.update(torch.tensor([0.0, float("nan"), 1.0]))
+        buf.update(torch.tensor([0.0, float("nan"), 1.0]), validate_args=True)
     with pytest.raises(ValueError, match="`scores`.*finite and non-negative"):
-        buf.update(torch.tensor([0.0, -1.0, 1.0]))
+        buf.update(torch.tensor([0.0, -1.0, 1.0]), validate_args=True)
     with pytest.raises(TypeError, match="`weight`"):
         buf.update(torch.zeros(3), weight=torch.ones(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"`weight`.*\(3,\)"):
         buf.update(torch.zeros(3), weight=torch.ones(2))
     with pytest.raises(ValueError, match="`weight`.*non-negative"):
-        buf.update(torch.zeros(3), weight=torch.tensor([1.0, -1.0, 1.0]))
+        buf.update(torch.zeros(3), weight=torch.tensor([1.0, -1.0, 1.0]), validate_args=True)
     assert buf.num_updates == 0  # failed updates change nothing
     state = buf.state_dict()
     with pytest.raises(ValueError, match="`state`.*missing.*window_sum"):

@@ -209,8 +209,7 @@ def test_bc_loss_gradients_match_manual_nll():
     actions = torch.randn(3, 4, 2, 2, generator=g, dtype=F64)
     valid = torch.tensor([[True] * 4, [True, True, False, False], [True, False, False, False]])
     logp_dims = -0.5 * (actions - mu).square()
-    loss = bc_loss(chunk_log_prob(logp_dims, valid[..., None, None].expand_as(mu), event_dims=2),
-                   mask=valid, event_size=4)
+    loss = bc_loss(chunk_log_prob(logp_dims, valid[..., None, None].expand_as(mu), event_dims=2), mask=valid, event_size=4)
     loss.backward()
     # d/dmu of the mean (over valid chunks) of 0.5 * |a - mu|^2 / 4
     want = torch.where(valid[..., None, None], -(actions - mu.detach()) / 4 / valid.sum(), 0)
@@ -250,7 +249,8 @@ def test_bc_loss_errors():
     with pytest.raises(ValueError, match="`event_size` must be > 0"):
         bc_loss(torch.zeros(2), event_size=0)
     with pytest.raises(ValueError, match=r"`logp` must have one row per selected chunk of `selection` \(4\), got 2"):
-        bc_loss(torch.zeros(2, 2), selection=Selection.from_mask(torch.ones(2, 2, dtype=torch.bool)))
+        bc_loss(torch.zeros(2, 2), selection=Selection.from_mask(torch.ones(2, 2, dtype=torch.bool)),
+                validate_args=True)
     with pytest.raises(TypeError, match="`selection` must be a chunkmask.Selection"):
         bc_loss(torch.zeros(2), selection=3)
 

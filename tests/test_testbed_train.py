@@ -89,7 +89,7 @@ def test_rl_steps_run_with_finite_losses(selector, steps, tmp_path):
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
         assert 0.0 <= r["eval_success"] <= 1.0
         assert len(r["selected_per_phase"]) == 5 and len(r["V_c"]) == 5
-        # The per-phase allocation (from the masker's MaskerInfo) accounts for every chunk.
+        # The per-phase allocation (from the masker's PhaseUpdate) accounts for every chunk.
         n = r["num_traj"]
         assert sum(r["selected_per_phase"]) * n == pytest.approx(r["chunks_updated"])
         assert sum(r["available_per_phase"]) * n == pytest.approx(r["chunks_executed"])
@@ -283,8 +283,9 @@ def _designed_batch():
         ("full", False, [0, 0, 0, 4, 4, 4]),  # dynamic sampling drops group 0
         ("pcm", False, [0, 0, 0, 2, 2, 2]),
         ("random", False, [0, 0, 0, 2, 2, 2]),
-        ("pcm", True, [0, 0, 0, 4, 4, 4]),  # the dropped rows' 6 chunks move to group 1 (capped)
-        ("random", True, [0, 0, 0, 4, 4, 4]),
+        # B per trajectory that reaches the update: the dropped rows' chunks are not moved.
+        ("pcm", True, [0, 0, 0, 2, 2, 2]),
+        ("random", True, [0, 0, 0, 2, 2, 2]),
     ],
 )
 def test_dynamic_sampling_and_advantage_aware_budgets(selector, aa, want):
@@ -314,9 +315,11 @@ def _captured_update(monkeypatch, cfg, batch, group, policy):
     seen = {}
     real = trainer.masked_grpo_loss
 
-    def spy(logp, old_logp, adv, selection=None, mask=None, **kw):
-        seen.update(logp=logp.detach(), adv=adv, mask=mask, entropy=kw["entropy"].detach())
-        return real(logp, old_logp, adv, selection=selection, mask=mask, **kw)
+    def spy(logp, *, old_logp, advantages, selection=None, mask=None, **kw):
+        entropy = kw["regularizers"].entropy.detach()
+        seen.update(logp=logp.detach(), adv=advantages, mask=mask, entropy=entropy)
+        return real(logp, old_logp=old_logp, advantages=advantages, selection=selection,
+                    mask=mask, **kw)
 
     monkeypatch.setattr(trainer, "masked_grpo_loss", spy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)

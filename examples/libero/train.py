@@ -10,7 +10,7 @@ One training step:
    temperature; the sampled tokens' log-probabilities are the behaviour log-probs;
 2. GRPO advantages per group (`group_relative_advantages`) and the dynamic-sampling filter
    (`dynamic_sampling_mask`, groups with success rate in [0.1, 0.9]);
-3. PCM: `ProbabilisticChunkMasker.select` (phase labels from the gripper, in LIBERO's convention:
+3. PCM: `ProbabilisticChunkMasker.update` then `.draw` (phase labels from the gripper, in LIBERO's convention:
    +1 closes), with its `PhaseScoreBuffer` all-reduced over the process group;
 4. `shrink` the stored chunk inputs to the selected chunks, then the actor forward and backward
    on micro-batches of trajectories (gradient accumulation), `masked_grpo_loss` with the
@@ -58,7 +58,11 @@ from vla_policy import (  # noqa: E402
 from chunkmask import (  # noqa: E402
     NUM_PHASES,
     ActionTokenizer,
+    Clip,
+    PhaseLabelling,
+    PhaseScoring,
     ProbabilisticChunkMasker,
+    Regularizers,
     Selection,
     dynamic_sampling_mask,
     group_relative_advantages,
@@ -356,15 +360,13 @@ def update(
                 )
             out = masked_grpo_loss(
                 logp.float(),
-                packed["old_logp"],
-                packed["adv"],
-                sub,
-                clip_low=cfg.clip_low,
-                clip_high=cfg.clip_high,
+                old_logp=packed["old_logp"],
+                advantages=packed["adv"],
+                selection=sub,
+                clip=Clip(low=cfg.clip_low, high=cfg.clip_high),
                 loss_agg_mode=cfg.loss_agg_mode,
-                entropy=entropy.float(),
-                entropy_coef=cfg.entropy_coef,
-                **norms._asdict(),
+                regularizers=Regularizers(entropy=entropy.float(), entropy_coef=cfg.entropy_coef),
+                norms=norms,
             )
             loss = out.loss * 0.0 if dummy else out.loss
             loss.backward()
@@ -545,11 +547,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         masker = ProbabilisticChunkMasker(
             cfg.budget,
             NUM_PHASES,
-            refresh_every=cfg.refresh_every,
-            p_min=cfg.p_min,
-            close="positive",  # the stored gripper is in LIBERO's convention: +1 closes
-            generator=torch.Generator(),
-            process_group=dist.group,
+            # the stored gripper is in LIBERO's convention: +1 closes
+            labelling=PhaseLabelling(close="positive"),
+            scoring=PhaseScoring(
+                refresh_every=cfg.refresh_every, p_min=cfg.p_min, process_group=dist.group
+            ),
+            seed=torch.Generator(),
         )
     ckpt = out_dir / "checkpoint.pt"
     start = 0
@@ -603,7 +606,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         info = None
         if masker is not None:
             masker.generator.manual_seed(cfg.seed * 7919 + step * 31 + dist.rank)
-            selection, info = masker.select(
+            info = masker.update(  # once per step: advances the phase scores
                 actions=batch["actions"],
                 gripper=batch["gripper"],
                 success=success,
@@ -611,6 +614,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 valid=kept_valid,
                 num_groups=local_prompts,
             )
+            selection = masker.draw(info.phases, valid=kept_valid)
         else:
             selection = Selection.from_mask(kept_valid)
         stats = update(policy, batch, selection, advantages, optimizer, params, cfg, dist)
@@ -641,7 +645,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "param_checksum": float(sum(p.detach().double().sum() for p in params)),
         }
         if info is not None:
-            sel_phase = dist.all_reduce(info.selected_per_phase.cpu())
+            sel_phase = dist.all_reduce(info.selected_per_phase(selection).cpu())
             avail_phase = dist.all_reduce(info.available_per_phase.cpu())
             record["selected_per_phase"] = sel_phase.tolist()
             record["available_per_phase"] = avail_phase.tolist()

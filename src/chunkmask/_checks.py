@@ -181,16 +181,15 @@ def resolve_mask(mask: Any, name: str, ref: Tensor, ref_name: str) -> Tensor:
 
 
 def values_checkable(x: Tensor, validate_args: bool) -> bool:
-    """Whether value checks on ``x`` should run: always with ``validate_args``, else only when free.
+    """Whether value checks on ``x`` should run: exactly when the caller asks.
 
-    A value check (finite, in range) reads tensor contents on the host. On the CPU in eager mode
-    that costs no device synchronisation, so it always runs; on an accelerator, or while
-    `torch.compile` traces, it runs only when the caller asks with ``validate_args=True``.
+    One rule everywhere (as in torchmetrics): metadata checks (type, dtype, shape, device) always
+    run, because they read no tensor contents; value checks (finite, in range, layout invariants)
+    read contents on the host, which synchronises an accelerator, so they run only with
+    ``validate_args=True``, on every device. ``x`` is accepted for call-site symmetry.
     """
-    if validate_args:
-        return True
-    compiling = torch.compiler.is_compiling()
-    return x.device.type == "cpu" and not compiling
+    del x
+    return bool(validate_args)
 
 
 def check_packed_rows(rows: int, name: str, selection_mask: Tensor, validate_args: bool) -> None:

@@ -142,8 +142,7 @@ class ActionTokenizer:
         Args:
             actions: any-shape float tensor of normalised actions; values outside
                 `[low, high]` are clipped first, as in OpenVLA.
-            validate_args: check that `actions` is finite on accelerators too (one sync); on
-                the CPU in eager mode the check always runs.
+            validate_args: check that `actions` is finite (off by default: one host sync).
 
         Returns:
             int64 token ids in `[vocab_size - num_bins, vocab_size - 1]`, shape of `actions`.
@@ -250,8 +249,7 @@ class ActionTokenizer:
             logits: `(..., V')` logits over the padded vocabulary (or any `V' >= vocab_size`).
             ids: `(...)` sampled token ids, the leading shape of `logits`.
             temperature: $\tau > 0$, the sampling temperature (the paper uses 1.6).
-            validate_args: check that every id is an action token on accelerators too (one
-                sync); on the CPU in eager mode the check always runs.
+            validate_args: check that every id is an action token (off by default: one host sync).
 
         Returns:
             `(...)` log-probabilities in float32 (float64 for float64 logits); bfloat16 and

@@ -63,7 +63,7 @@ def group_relative_advantages(
     eps: float = 1e-6,
     scale_by_std: bool = True,
     valid: Bool[Tensor, " traj"] | None = None,
-    validate_args: bool = True,
+    validate_args: bool = False,
 ) -> Float[Tensor, " traj"]:
     r"""Standardise each trajectory's outcome reward within its prompt group (GRPO advantage).
 
@@ -195,8 +195,7 @@ def chunk_rewards(
         mask: `(*batch, H)` bool, True for steps that were executed. Masked steps may hold
             anything, NaN included. Defaults to all True.
         gamma: per-step discount in `[0, 1]`.
-        validate_args: check that the executed steps' rewards are finite on accelerators too
-            (one sync); on the CPU in eager mode the check always runs.
+        validate_args: check that the executed steps' rewards are finite (off by default: one host sync).
 
     Returns:
         `(*batch,)` chunk rewards, float32 (float64 for float64 input).
@@ -251,7 +250,7 @@ def chunk_gae(
     gamma: float = 0.99,
     lam: float = 0.95,
     chunk_size: int = 1,
-    validate_args: bool = True,
+    validate_args: bool = False,
 ) -> ChunkGAEOutput:
     r"""Generalised advantage estimation over chunks, with the discount $\gamma^{H}$ between chunks.
 
@@ -449,8 +448,7 @@ def whiten_advantages(
         mask: bool of the same shape, True for entries that count. Defaults to all True.
         shift_mean: subtract the mean (True) or only rescale (False).
         eps: added to the variance, `>= 0`.
-        validate_args: check that the valid advantages are finite on accelerators too (one
-            sync); on the CPU in eager mode the check always runs.
+        validate_args: check that the valid advantages are finite (off by default: one host sync).
 
     Returns:
         Whitened advantages, same shape and dtype as `advantages` (statistics in float32 or

@@ -17,7 +17,7 @@ counts for a `Selection` (or a mask) over a process group.
 from typing import Any, Literal, NamedTuple
 
 import torch
-from jaxtyping import Bool, Float, Int, Int64, Real
+from jaxtyping import Bool, Float, Int, Real
 from torch import Tensor
 
 from chunkmask._checks import (
@@ -283,19 +283,36 @@ def aggregate_loss(
 
 
 class LossNormalizers(NamedTuple):
-    """Global normalisers for `aggregate_loss` and every loss, from `loss_normalizers`.
+    """The data-parallel normalisers every loss takes as one `norms=` keyword.
 
-    Pass them on as keywords: `masked_grpo_loss(..., **norms._asdict())`.
+    `loss_normalizers` fills the counts (summed over a process group); build one by hand to pass
+    verl's `global_batch_info` through. A field left None takes the loss's single-rank default
+    (see `aggregate_loss`); with `dp_size > 1` the mode's global count is required.
 
     Attributes:
-        dp_size: the number of data-parallel ranks the counts were summed over.
-        batch_num_tokens: 0-d int64, the global number of tokens the loss averages over.
-        global_batch_size: 0-d int64, the global number of non-empty sequences.
+        dp_size: the number of data-parallel ranks the counts were summed over (verl's
+            `dp_size`).
+        batch_num_tokens: the global number of tokens token-mean divides by ($D$), or None.
+        global_batch_size: the global number of non-empty sequences the seq modes divide by
+            ($G$), or None.
+        loss_scale_factor: the seq-mean-token-sum-norm divisor ($L$), or None for the default.
     """
 
-    dp_size: int
-    batch_num_tokens: Int64[Tensor, ""]
-    global_batch_size: Int64[Tensor, ""]
+    dp_size: int = 1
+    batch_num_tokens: Normalizer | None = None
+    global_batch_size: Normalizer | None = None
+    loss_scale_factor: Normalizer | None = None
+
+
+def check_norms(norms: Any, name: str = "norms") -> LossNormalizers:
+    """Return `norms` (None means single-rank defaults), checking its type."""
+    if norms is None:
+        return LossNormalizers()
+    if not isinstance(norms, LossNormalizers):
+        raise TypeError(
+            f"`{name}` must be a chunkmask.LossNormalizers or None, got {type(norms).__name__}."
+        )
+    return norms
 
 
 def _world_size(process_group: Any) -> int:
@@ -317,6 +334,7 @@ def loss_normalizers(
     estimator: Literal["masked", "horvitz_thompson"] = "masked",
     tokens_per_chunk: int = 1,
     process_group: Any = None,
+    validate_args: bool = False,
 ) -> LossNormalizers:
     r"""Count the tokens and non-empty sequences of a batch, summed over a process group.
 
@@ -340,6 +358,8 @@ def loss_normalizers(
         tokens_per_chunk: $K$ when `mask` is None (1 for one log-probability per chunk).
         process_group: a `torch.distributed.ProcessGroup` to sum over (one all-reduce), or None
             for this process alone (`dp_size` 1).
+        validate_args: check that a packed `mask` has one row per selected chunk (one host
+            sync).
 
     Returns:
         A `LossNormalizers` with 0-d int64 counts on the device of the inputs.
@@ -373,7 +393,7 @@ def loss_normalizers(
         if mask is not None:
             check_tensor(mask, "mask", ndim=(1, 2), dtypes="bool")
             check_same_device(mask, "mask", selection.mask, "selection")
-            check_packed_rows(mask.shape[0], "mask", selection.mask, validate_args=False)
+            check_packed_rows(mask.shape[0], "mask", selection.mask, validate_args)
             tokens_per_chunk = 1 if mask.ndim == 1 else mask.shape[1]
         if estimator == "horvitz_thompson":
             per_seq = selection.num_chunks * tokens_per_chunk

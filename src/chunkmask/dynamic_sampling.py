@@ -53,8 +53,7 @@ def dynamic_sampling_mask(
         high: the largest kept success rate, in `[low, 1]`.
         valid: `(traj,)` bool, False for trajectories left out of the rates; they are never
             kept. Defaults to all True.
-        validate_args: check that `success` is finite on accelerators too (one sync); on the
-            CPU in eager mode the check always runs.
+        validate_args: check that `success` is finite (off by default: one host sync).
 
     Returns:
         `(traj,)` bool keep mask.

@@ -40,8 +40,7 @@ def chunk_log_prob(
         logp: `(*lead, *event)` log-probabilities; the last `event_dims` axes are summed.
         mask: bool of the same shape, True for entries that count. Defaults to all True.
         event_dims: how many trailing axes form one chunk (1 for tokens, 2 for steps x dims).
-        validate_args: check that the counted entries are finite on accelerators too (one
-            sync); on the CPU in eager mode the check always runs.
+        validate_args: check that the counted entries are finite (off by default: one host sync).
 
     Returns:
         `(*lead,)` chunk log-probabilities in the dtype of `logp` (float32 for bfloat16/half).

@@ -186,7 +186,7 @@ def label_gripper_phases(
     pre_min: float = 0.1,
     tail_max: float = 0.1,
     window: int = 3,
-    validate_args: bool = True,
+    validate_args: bool = False,
 ) -> Int64[Tensor, "traj chunk"]:
     r"""Label every chunk with a gripper phase by the deterministic rule of App. E.2.
 
@@ -369,7 +369,7 @@ def label_grasp_onset(
     *,
     lead: int = 2,
     active: float = 0.5,
-    validate_args: bool = True,
+    validate_args: bool = False,
 ) -> Int64[Tensor, "traj chunk"]:
     r"""Label chunks relative to the first grasp attempt: the event that decides pick-and-place.
 

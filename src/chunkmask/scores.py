@@ -58,7 +58,7 @@ def success_failure_variance(
     valid: Bool[Tensor, "traj chunk"] | None = None,
     weighting: Literal["uniform", "balance"] = "uniform",
     num_groups: int | None = None,
-    validate_args: bool = True,
+    validate_args: bool = False,
 ) -> PhaseVariance:
     r"""Compute the per-phase success-failure action variance of a batch of rollout groups.
 

@@ -197,3 +197,4 @@ def policy_loss_by_hand(
     if mode == "seq-mean-token-sum-norm":
         return total / (g * (n if ht else k) * tokens) if g > 0 else zero
     raise ValueError(mode)
+

@@ -5,7 +5,7 @@ from typing import Any, NamedTuple
 from torch import Tensor
 
 from chunkmask._checks import check_packed_rows, check_same_device, resolve_mask
-from chunkmask.aggregation import aggregate_loss
+from chunkmask.aggregation import LossNormalizers, aggregate_loss
 from chunkmask.selection import Selection
 
 
@@ -30,20 +30,25 @@ class Layout(NamedTuple):
         """`x` (the shape of the reference input) as a `(rows, token)` matrix."""
         return x[:, None] if self.mask.ndim == 1 else x
 
-    def aggregate(self, values: Tensor, mode: str, **kwargs: Any) -> Tensor:
+    def aggregate(
+        self, values: Tensor, mode: str, norms: LossNormalizers, validate_args: bool
+    ) -> Tensor:
         """`aggregate_loss` of `values` (the shape of the reference input) on this layout.
 
-        `kwargs` are `aggregate_loss`'s keywords; `loss_scale_factor` defaults to the horizon.
+        `norms.loss_scale_factor` defaults to the horizon.
         """
-        if kwargs.get("loss_scale_factor") is None:
-            kwargs["loss_scale_factor"] = self.horizon
+        scale = self.horizon if norms.loss_scale_factor is None else norms.loss_scale_factor
         return aggregate_loss(
             self.rows(values),
             self.rows(self.mask),
             mode,
+            dp_size=norms.dp_size,
+            batch_num_tokens=norms.batch_num_tokens,
+            global_batch_size=norms.global_batch_size,
+            loss_scale_factor=scale,
             segment=self.segment,
             num_segments=self.num_segments,
-            **kwargs,
+            validate_args=validate_args,
         )
 
 

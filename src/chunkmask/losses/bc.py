@@ -14,7 +14,8 @@ from chunkmask._checks import (
 from chunkmask.aggregation import (
     AGGREGATION_MODES,
     AggregationMode,
-    Normalizer,
+    LossNormalizers,
+    check_norms,
     compute_dtype,
 )
 from chunkmask.losses._layout import resolve_layout
@@ -25,15 +26,12 @@ __all__ = ["bc_loss"]
 
 def bc_loss(
     logp: Float[Tensor, " packed"] | Float[Tensor, "rows chunk"],
+    *,
     selection: Selection | None = None,
     mask: Bool[Tensor, " packed"] | Bool[Tensor, "rows chunk"] | None = None,
-    *,
     loss_agg_mode: AggregationMode = "token-mean",
     event_size: int = 1,
-    dp_size: int = 1,
-    batch_num_tokens: Normalizer | None = None,
-    global_batch_size: Normalizer | None = None,
-    loss_scale_factor: Normalizer | None = None,
+    norms: LossNormalizers | None = None,
     validate_args: bool = False,
 ) -> Float[Tensor, ""]:
     r"""Negative log-likelihood of buffered action chunks under the current policy.
@@ -57,12 +55,9 @@ def bc_loss(
         mask: bool, True for chunks that count (padding may hold NaN). Defaults to all True.
         loss_agg_mode: one of `AGGREGATION_MODES`.
         event_size: divide by this many action elements per chunk.
-        dp_size: the data-parallel world size; see `aggregate_loss`.
-        batch_num_tokens: global chunk count for token-mean (required when `dp_size > 1`).
-        global_batch_size: global number of non-empty trajectories (seq modes).
-        loss_scale_factor: the seq-mean-token-sum-norm divisor (default: the horizon).
-        validate_args: run the value checks on accelerators too; on the CPU in eager mode they
-            always run.
+        norms: the data-parallel normalisers (`LossNormalizers`, e.g. from `loss_normalizers`),
+            or None for one rank's defaults; see `aggregate_loss`.
+        validate_args: run the value checks (they read tensor contents: one host sync).
 
     Returns:
         0-d loss; gradients are 0 at masked chunks.
@@ -91,9 +86,6 @@ def bc_loss(
     return layout.aggregate(
         nll,
         loss_agg_mode,
-        dp_size=dp_size,
-        batch_num_tokens=batch_num_tokens,
-        global_batch_size=global_batch_size,
-        loss_scale_factor=loss_scale_factor,
-        validate_args=validate_args,
+        check_norms(norms),
+        validate_args,
     )

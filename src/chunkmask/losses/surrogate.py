@@ -8,18 +8,15 @@ from torch import Tensor
 
 from chunkmask._checks import (
     check_finite,
-    check_range,
     check_same_device,
     check_same_shape,
     check_tensor,
     values_checkable,
 )
 from chunkmask.aggregation import compute_dtype
+from chunkmask.losses.options import KL_TYPES, Clip, check_spec
 
 __all__ = ["KL_TYPES", "SurrogateOutput", "clipped_surrogate"]
-
-KL_TYPES: tuple[str, ...] = ("k1", "k2", "k3")
-"""Schulman's KL estimators accepted by the policy losses (`k3` is verl's `low_var_kl`)."""
 
 
 class SurrogateOutput(NamedTuple):
@@ -43,22 +40,12 @@ class SurrogateOutput(NamedTuple):
     dual_clipped: Tensor
 
 
-def check_clip_args(
-    clip_low: float, clip_high: float, dual_clip: float | None, log_ratio_clamp: float
-) -> tuple[float, float, float | None, float]:
-    clip_low = check_range(clip_low, "clip_low", low=0.0, high=1.0)
-    clip_high = check_range(clip_high, "clip_high", low=0.0)
-    if dual_clip is not None:
-        dual_clip = check_range(dual_clip, "dual_clip", low=1.0, low_open=True)
-    log_ratio_clamp = check_range(log_ratio_clamp, "log_ratio_clamp", low=0.0, low_open=True)
-    return clip_low, clip_high, dual_clip, log_ratio_clamp
-
-
 def broadcast_advantages(
     advantages: Tensor, ref: Tensor, name: str = "advantages", ref_name: str = "logp"
 ) -> Tensor:
     """Append singleton axes so `advantages` (a leading-prefix shape of `ref`) broadcasts."""
-    if not 1 <= advantages.ndim <= ref.ndim or advantages.shape != ref.shape[: advantages.ndim]:
+    scalar_ok = advantages.ndim > 0 or ref.ndim == 0
+    if not scalar_ok or advantages.ndim > ref.ndim or advantages.shape != ref.shape[: advantages.ndim]:
         raise ValueError(
             f"`{name}` must have the shape of `{ref_name}` {tuple(ref.shape)} or a leading part "
             "of it, "
@@ -69,13 +56,10 @@ def broadcast_advantages(
 
 def clipped_surrogate(
     logp: Float[Tensor, "*batch"],
+    *,
     old_logp: Float[Tensor, "*batch"],
     advantages: Float[Tensor, "*adv"],
-    *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    dual_clip: float | None = None,
-    log_ratio_clamp: float = 20.0,
+    clip: Clip = Clip(),
     validate_args: bool = False,
 ) -> SurrogateOutput:
     r"""Compute the per-token clipped surrogate loss with clip-higher and optional dual clip.
@@ -104,26 +88,25 @@ def clipped_surrogate(
         logp: `(*batch)` log-probabilities of the taken tokens under the current policy.
         old_logp: `(*batch)` log-probabilities under the behaviour policy.
         advantages: the advantage of each token, with the shape of `logp` or a leading part of it
-            (e.g. `(packed,)` against `(packed, token)`), broadcast along the trailing axes.
-        clip_low: $\varepsilon_{low}$ in `[0, 1]`.
-        clip_high: $\varepsilon_{high} \ge 0$.
-        dual_clip: the dual-clip constant $c > 1$, or None to disable it.
-        log_ratio_clamp: $\kappa > 0$, the clamp on the log ratio before `exp` (verl: 20).
-        validate_args: check that the inputs are finite on accelerators too (one sync); on the
-            CPU in eager mode the check always runs.
+            (e.g. `(packed,)` against `(packed, token)`; 0-d only with a 0-d `logp`), broadcast along the
+            trailing axes.
+        clip: the ratio clipping (`Clip`: $\varepsilon_{low}$ in `[0, 1]`,
+            $\varepsilon_{high} \ge 0$, the dual-clip constant $c > 1$ or None, and the clamp
+            $\kappa > 0$ on the log ratio before `exp`, verl: 20).
+        validate_args: check that the inputs are finite (one host sync on an accelerator).
 
     Returns:
         A `SurrogateOutput` of per-token tensors, each of the shape of `logp`.
 
     Raises:
         TypeError: if an input is not a floating tensor.
-        ValueError: if shapes do not match, `clip_low` is outside `[0, 1]`, `clip_high < 0`,
-            `dual_clip <= 1`, `log_ratio_clamp <= 0`, or an input holds NaN/Inf.
+        ValueError: if shapes do not match, a `clip` field is out of range, or (with
+            `validate_args`) an input holds NaN/Inf.
 
     Examples:
         >>> import torch
         >>> logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))
-        >>> out = clipped_surrogate(logp, torch.zeros(1, 3), torch.tensor([1.0]))
+        >>> out = clipped_surrogate(logp, old_logp=torch.zeros(1, 3), advantages=torch.tensor([1.0]))
         >>> out.loss, out.clipped_high
         (tensor([[-1.2800, -0.5000, -1.0000]]), tensor([[ True, False, False]]))
     """
@@ -133,9 +116,7 @@ def clipped_surrogate(
     check_same_shape(old_logp, "old_logp", logp, "logp")
     check_same_device(old_logp, "old_logp", logp, "logp")
     check_same_device(advantages, "advantages", logp, "logp")
-    clip_low, clip_high, dual_clip, log_ratio_clamp = check_clip_args(
-        clip_low, clip_high, dual_clip, log_ratio_clamp
-    )
+    clip = check_spec(clip, "clip", Clip)
     adv = broadcast_advantages(advantages, logp)
     if values_checkable(logp, validate_args):
         for value, name in ((logp, "logp"), (old_logp, "old_logp"), (advantages, "advantages")):
@@ -145,10 +126,10 @@ def clipped_surrogate(
         logp.to(dtype),
         old_logp.to(dtype),
         adv.to(dtype),
-        clip_low,
-        clip_high,
-        dual_clip,
-        log_ratio_clamp,
+        clip.low,
+        clip.high,
+        clip.dual,
+        clip.log_ratio_clamp,
     )
 
 

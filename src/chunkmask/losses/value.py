@@ -18,7 +18,8 @@ from chunkmask._checks import (
 from chunkmask.aggregation import (
     AGGREGATION_MODES,
     AggregationMode,
-    Normalizer,
+    LossNormalizers,
+    check_norms,
     compute_dtype,
 )
 from chunkmask.losses._layout import resolve_layout
@@ -34,19 +35,16 @@ def _huber(error: Tensor, delta: float) -> Tensor:
 
 def value_loss(
     values: Float[Tensor, " packed"] | Float[Tensor, "rows chunk"],
+    *,
     returns: Float[Tensor, " packed"] | Float[Tensor, "rows chunk"],
     selection: Selection | None = None,
     mask: Bool[Tensor, " packed"] | Bool[Tensor, "rows chunk"] | None = None,
-    *,
     old_values: Float[Tensor, " packed"] | Float[Tensor, "rows chunk"] | None = None,
-    clip: float | None = 0.2,
+    value_clip: float | None = 0.2,
     loss_type: Literal["huber", "mse"] = "huber",
     huber_delta: float = 10.0,
     loss_agg_mode: AggregationMode = "token-mean",
-    dp_size: int = 1,
-    batch_num_tokens: Normalizer | None = None,
-    global_batch_size: Normalizer | None = None,
-    loss_scale_factor: Normalizer | None = None,
+    norms: LossNormalizers | None = None,
     validate_args: bool = False,
 ) -> Float[Tensor, ""]:
     r"""The PPO value loss per chunk, with optional value clipping and a Huber or squared error.
@@ -58,7 +56,7 @@ def value_loss(
 
     with $L$ the Huber loss $L_\delta(e) = \tfrac12 e^2$ for $|e| \le \delta$ and
     $\delta(|e| - \tfrac12\delta)$ beyond, or $\tfrac12 e^2$ (`loss_type="mse"`). Without
-    `old_values` or with `clip=None` the unclipped $L(V_t - \hat G_t)$ is used. The defaults (Huber
+    `old_values` or with `value_clip=None` the unclipped $L(V_t - \hat G_t)$ is used. The defaults (Huber
     $\delta = 10$, value clip 0.2) are RLinf's chunk-level PPO defaults. The per-chunk losses are
     reduced by `aggregate_loss` with a chunk as the token, in the layouts of `chunked_ppo_loss`
     (padded `(traj, chunk)`, packed `(M,)` with `selection`, or flat `(m,)`), with the same
@@ -70,29 +68,28 @@ def value_loss(
         selection: the `Selection` a packed batch came from; None otherwise.
         mask: bool, True for chunks that count. Defaults to all True.
         old_values: the values recorded at rollout time, for clipping.
-        clip: value clip $c > 0$, or None for no clipping.
+        value_clip: value clip $c > 0$, or None for no clipping.
         loss_type: `"huber"` or `"mse"`.
         huber_delta: Huber threshold $\delta > 0$.
         loss_agg_mode: one of `AGGREGATION_MODES`, over chunks.
-        dp_size: the data-parallel world size; see `aggregate_loss`.
-        batch_num_tokens: global chunk count for token-mean (required when `dp_size > 1`).
-        global_batch_size: global number of non-empty trajectories (seq modes).
-        loss_scale_factor: the seq-mean-token-sum-norm divisor (default: the horizon).
-        validate_args: run the value checks (finite valid inputs, one row per selected chunk)
-            on accelerators too; on the CPU in eager mode they always run.
+        norms: the data-parallel normalisers (`LossNormalizers`, e.g. from `loss_normalizers`),
+            or None for one rank's defaults; see `aggregate_loss`.
+        validate_args: run the value checks (finite valid inputs, one row per selected chunk); they read tensor
+            contents (one host sync).
 
     Returns:
         0-d loss tensor.
 
     Raises:
         TypeError: on non-float inputs, a non-bool mask or a bad `selection`.
-        ValueError: on mismatched shapes, a non-positive `clip` or `huber_delta`, an unknown
+        ValueError: on mismatched shapes, a non-positive `value_clip` or `huber_delta`, an unknown
             option, or non-finite valid inputs.
 
     Example:
         >>> import torch
         >>> v = torch.tensor([[0.0, 1.0]], requires_grad=True)
-        >>> loss = value_loss(v, torch.tensor([[1.0, 30.0]]), old_values=torch.tensor([[0.0, 1.0]]))
+        >>> loss = value_loss(v, returns=torch.tensor([[1.0, 30.0]]),
+        ...                   old_values=torch.tensor([[0.0, 1.0]]))
         >>> round(loss.item(), 4)  # (0.5 + 10 * (29 - 5)) / 2
         120.25
     """
@@ -105,8 +102,8 @@ def value_loss(
     check_option(loss_type, "loss_type", ("huber", "mse"))
     check_option(loss_agg_mode, "loss_agg_mode", AGGREGATION_MODES)
     huber_delta = check_range(huber_delta, "huber_delta", low=0.0, low_open=True)
-    if clip is not None:
-        clip = check_range(clip, "clip", low=0.0, low_open=True)
+    if value_clip is not None:
+        value_clip = check_range(value_clip, "value_clip", low=0.0, low_open=True)
     if old_values is not None:
         check_tensor(old_values, "old_values", dtypes="float")
         check_same_shape(old_values, "old_values", values, "values")
@@ -123,16 +120,13 @@ def value_loss(
         return _huber(e, huber_delta) if loss_type == "huber" else 0.5 * e.square()
 
     per_chunk = err(v - g)
-    if old_values is not None and clip is not None:
+    if old_values is not None and value_clip is not None:
         old = torch.where(mask, old_values.to(dtype), 0)
-        clipped = old + (v - old).clamp(-clip, clip)
+        clipped = old + (v - old).clamp(-value_clip, value_clip)
         per_chunk = torch.maximum(per_chunk, err(clipped - g))
     return layout.aggregate(
         per_chunk,
         loss_agg_mode,
-        dp_size=dp_size,
-        batch_num_tokens=batch_num_tokens,
-        global_batch_size=global_batch_size,
-        loss_scale_factor=loss_scale_factor,
-        validate_args=validate_args,
+        check_norms(norms),
+        validate_args,
     )

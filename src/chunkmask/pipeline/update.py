@@ -23,6 +23,9 @@ from jaxtyping import Bool, Float, Int64
 from torch import Tensor
 
 from chunkmask import (
+    Behaviour,
+    Clip,
+    PhaseScoring,
     ProbabilisticChunkMasker,
     Selection,
     decoupled_ppo_loss,
@@ -105,8 +108,7 @@ def make_masker(config: PipelineConfig) -> ProbabilisticChunkMasker:
     """The learner's `ProbabilisticChunkMasker` (PCM's selector) for `config`."""
     return ProbabilisticChunkMasker(
         budget=config.budget,
-        refresh_every=config.refresh_every,
-        p_min=config.p_min,
+        scoring=PhaseScoring(refresh_every=config.refresh_every, p_min=config.p_min),
         seed=config.seed,
     )
 
@@ -174,7 +176,7 @@ def decoupled_grpo_update(
     _, group = torch.unique(sub.group, return_inverse=True)
     advantages = group_relative_advantages(sub.returns.float(), group)
     if config.selector == "pcm":
-        selection, _ = masker.select(
+        selection = masker.select(
             actions=sub.actions, success=sub.success, group=group, valid=sub.valid
         )
     else:
@@ -188,15 +190,13 @@ def decoupled_grpo_update(
     logp, _ = policy.log_prob(packed["obs"], packed["tokens"], temperature=config.temperature)
     out = decoupled_ppo_loss(
         logp,
-        logp.detach(),
-        packed["behav"],
-        packed["adv"],
-        selection,
-        clip_low=config.clip_low,
-        clip_high=config.clip_high,
-        behaviour_weight_cap=config.behaviour_weight_cap,
-        cap_mode=config.cap_mode,
-        staleness=packed["age"],
+        proximal_logp=logp.detach(),
+        behaviour=Behaviour(
+            packed["behav"], cap=config.behaviour_weight_cap, mode=config.cap_mode
+        ),
+        advantages=packed["adv"],
+        selection=selection,
+        clip=Clip(low=config.clip_low, high=config.clip_high),
         loss_agg_mode=config.loss_agg_mode,
     )
     optimizer.zero_grad(set_to_none=True)
@@ -207,7 +207,7 @@ def decoupled_grpo_update(
         chunks_updated=int(packed["tokens"].shape[0]),
         loss=float(out.loss.detach()),
         grad_norm=float(grad_norm),
-        staleness_mean=float(out.staleness_mean),
+        staleness_mean=float(packed["age"].float().mean()) if packed["age"].numel() else 0.0,
         staleness_max=int(packed["age"].max()) if packed["age"].numel() else 0,
         capped_frac=float(out.capped_frac),
         behaviour_weight_mean=float(out.behaviour_weight_mean),

@@ -24,8 +24,9 @@ With PCM the whole change to the loop is the `masker.select` call and the `shrin
 to the selected chunks (`update` below). Two options apply to every selector:
 `dynamic_sampling` drops the groups whose success rate lies outside `[0.1, 0.9]` before the update
 (SimpleVLA-RL's filter: such groups have advantage 0), and `advantage_aware` (`"pcm"` and
-`"random"`) gives the budget of zero-advantage trajectories to the others
-(`advantage_aware_budgets`), so the update back-propagates as many chunks as with a fixed `B`.
+`"random"`) spends no chunks on zero-advantage trajectories and `B` on each trajectory that
+reaches the update (`advantage_aware_budgets`; a trajectory shorter than `B` passes its unused
+chunks to the others), so the update costs what `B` per surviving trajectory costs.
 """
 
 import json
@@ -41,9 +42,14 @@ from torch import Tensor
 from chunkmask import (
     NUM_ONSET_PHASES,
     NUM_PHASES,
-    MaskerInfo,
+    ChunkBudget,
+    Clip,
     OnsetPhase,
+    PhaseLabelling,
+    PhaseScoring,
+    PhaseUpdate,
     ProbabilisticChunkMasker,
+    Regularizers,
     Selection,
     advantage_aware_budgets,
     chunk_score_norm,
@@ -117,7 +123,7 @@ class TrainConfig:
         dynamic_sampling: drop, before the update, the groups whose success rate lies outside
             `[0.1, 0.9]` (`dynamic_sampling_mask`): their advantage is 0.
         advantage_aware: (`"pcm"` and `"random"`) no chunks for zero-advantage trajectories, the
-            same total spread over the others (`advantage_aware_budgets`).
+            total `B` per trajectory that reaches the update (`advantage_aware_budgets`).
         pods_keep: (`"pods"`) rollouts kept per group, `m`.
         token_fraction: (`"token_entropy"`) share of the update's action tokens kept, by entropy.
         phase_rule: the masker's phases, `"gripper"` (App. E.2, `label_gripper_phases`) or
@@ -166,6 +172,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def clip(self) -> Clip:
+        """The loss's `Clip` from `clip_low` and `clip_high` (0.4: wider than the library's)."""
+        return Clip(low=self.clip_low, high=self.clip_high)
 
     def validate(self) -> None:
         """Raise `ValueError`/`TypeError` naming the first field that is out of range."""
@@ -260,22 +271,23 @@ def make_masker(cfg: TrainConfig) -> ProbabilisticChunkMasker:
     """The run's `ProbabilisticChunkMasker`.
 
     For `selector="pcm"` it selects the chunks. For the other selectors it only labels and
-    scores the phases (`MaskerInfo.phases`, `.scores`): `"top_phase"` selects from them, and
+    scores the phases (`PhaseUpdate.phases`, `.scores`): `"top_phase"` selects from them, and
     every selector logs them; its draws are discarded.
     """
     onset = cfg.phase_rule == "onset"
     return ProbabilisticChunkMasker(
-        budget=cfg.budget,
+        budget=ChunkBudget(cfg.budget, advantage_aware=cfg.selector == "pcm" and cfg.advantage_aware),
         num_phases=NUM_ONSET_PHASES if onset else NUM_PHASES,
-        labeler=_onset_labeler if onset else None,
-        scored_phases=(OnsetPhase.APPROACH, OnsetPhase.ONSET) if cfg.score_until_onset else None,
-        window=cfg.score_window,
-        min_groups=cfg.min_groups,
-        refresh_every=cfg.refresh_every,
-        p_min=cfg.p_min,
+        labelling=PhaseLabelling(labeler=_onset_labeler if onset else None),
+        scoring=PhaseScoring(
+            scored_phases=(OnsetPhase.APPROACH, OnsetPhase.ONSET) if cfg.score_until_onset else None,
+            window=cfg.score_window,
+            min_groups=cfg.min_groups,
+            refresh_every=cfg.refresh_every,
+            p_min=cfg.p_min,
+        ),
         inclusion=cfg.selector == "pcm" and cfg.estimator == "horvitz_thompson",
         seed=cfg.seed,
-        advantage_aware=cfg.selector == "pcm" and cfg.advantage_aware,
     )
 
 
@@ -291,25 +303,22 @@ def score_phases(
     *,
     valid: Tensor | None = None,
     advantages: Tensor | None = None,
-) -> tuple[Selection, MaskerInfo]:
-    """Run `masker` on a rollout batch: its selection and its `MaskerInfo` (phases, `V_c`, ...).
+) -> tuple[Selection, PhaseUpdate]:
+    """One masker step on a rollout batch: `update` (phases, `V_c`, ...) then one `draw`.
 
     `valid` replaces the batch's own (after dynamic sampling); `advantages` feed an
-    advantage-aware masker.
+    advantage-aware masker. Advances the masker's scores once: call it once per step.
     """
-    return masker.select(
-        actions=batch.actions,
-        success=batch.success,
-        group=group,
-        valid=batch.valid if valid is None else valid,
-        advantages=advantages if masker.advantage_aware else None,
-    )
+    valid = batch.valid if valid is None else valid
+    info = masker.update(actions=batch.actions, success=batch.success, group=group, valid=valid)
+    advantages = advantages if masker.advantage_aware else None
+    return masker.draw(info.phases, valid=valid, advantages=advantages), info
 
 
 def baseline_selection(
     selector: str,
     batch: RolloutBatch,
-    info: MaskerInfo | None,
+    info: PhaseUpdate | None,
     *,
     budget: int,
     generator: torch.Generator,
@@ -318,7 +327,7 @@ def baseline_selection(
 ) -> Selection:
     """The chunks a non-PCM selector sends into the update (`"full"` keeps every chunk).
 
-    `info` is the masker's `MaskerInfo` of this batch; only `"top_phase"` needs it (its phases
+    `info` is the masker's `PhaseUpdate` of this batch; only `"top_phase"` needs it (its phases
     and `V_c`). `valid` replaces the batch's own (after dynamic sampling); `budgets` are
     per-trajectory budgets for `"random"` (advantage-aware). `"pods"` and `"token_entropy"`
     keep every valid chunk here: `update` has already restricted `valid` to PODS's rollouts, and
@@ -329,9 +338,7 @@ def baseline_selection(
         return Selection.from_mask(valid)
     if selector == "random":
         if budgets is not None:
-            return plackett_luce_sample(
-                valid.float(), valid.shape[1], valid=valid, budgets=budgets, generator=generator
-            )
+            return plackett_luce_sample(valid.float(), budgets, valid=valid, generator=generator)
         return uniform_sample(valid, budget, generator=generator)
     if selector == "top_phase":
         if info is None:
@@ -357,7 +364,7 @@ def update(
 
     The result holds the mean `loss`, `clip_frac`, `grad_norm` and `entropy` over the
     mini-batches, the number of `chunks` back-propagated, the `selection` and the masker's
-    `info` (`MaskerInfo`; None for the selectors that do not need the phases to select). With
+    `info` (`PhaseUpdate`; None for the selectors that do not need the phases to select). With
     `probe`, also `probe_cosine` (masked vs full gradient on the first mini-batch, before the
     optimiser step) and `probe_s`, the probe's time.
     """
@@ -373,22 +380,23 @@ def update(
         valid = valid & keep[:, None]
 
     info = None
-    pps_inclusion = None
     if cfg.selector == "pps":  # probability proportional to |A_i| x the chunk's score norm
         sizes = advantages.abs()[:, None] * chunk_score_norm(batch.logp)
-        selection, pps_inclusion = pps_sample(sizes, cfg.budget, valid=valid, generator=generator)
+        selection = pps_sample(sizes, cfg.budget, valid=valid, generator=generator)
     elif cfg.selector == "pcm":  # PCM: score the phases, draw B chunks per trajectory (Eq. 5-10)
         # An advantage-aware masker sees every trajectory: it gives the zero-advantage ones (the
-        # groups dynamic sampling drops) no chunks and spreads their budget over the others.
+        # groups dynamic sampling drops) no chunks, B for each trajectory that reaches the update.
         scored = batch.valid if cfg.advantage_aware else valid
         selection, info = score_phases(masker, batch, group, valid=scored, advantages=advantages)
     else:
         if cfg.selector == "top_phase":  # the phases and V_c of this batch, from the masker
             _, info = score_phases(masker, batch, group, valid=valid)
         budgets = None
-        if cfg.advantage_aware:  # the same total as B per trajectory, none where A = 0
+        if cfg.advantage_aware:  # B per trajectory that reaches the update, none where A = 0
+            reaching = (advantages != 0) & valid.any(1)
             budgets = advantage_aware_budgets(
-                advantages, batch.valid.sum(1), cfg.budget, max_budget=valid.shape[1]
+                advantages, batch.valid.sum(1), cfg.budget, max_budget=valid.shape[1],
+                total_budget=cfg.budget * reaching.sum(),
             ) * valid.any(1)
         selection = baseline_selection(
             cfg.selector,
@@ -415,14 +423,8 @@ def update(
             "old_logp": batch.logp[rows],
             "adv": advantages[rows],
         }
-        if cfg.estimator == "horvitz_thompson":
-            if pps_inclusion is not None:
-                pi = pps_inclusion
-            elif info is not None:
-                pi = info.inclusion
-            else:
-                pi = torch.ones_like(batch.valid, dtype=float)
-            tree["inclusion"] = pi[rows].float()
+        if cfg.estimator == "horvitz_thompson" and part.inclusion is None:  # "full": pi = 1
+            part = part.with_inclusion(torch.ones(part.num_traj, part.chunks_total))
         packed = shrink(tree, part)
         logp, entropy = policy.log_prob(
             packed["obs"], packed["tokens"], temperature=cfg.temperature
@@ -432,16 +434,13 @@ def update(
             token_mask = high_entropy_token_mask(entropy.detach(), fraction=cfg.token_fraction)
         out = masked_grpo_loss(
             logp,
-            packed["old_logp"],
-            packed["adv"],
+            old_logp=packed["old_logp"],
+            advantages=packed["adv"],
             selection=part,
             mask=token_mask,
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            entropy=entropy,
-            entropy_coef=cfg.entropy_coef,
+            clip=cfg.clip,
             estimator=cfg.estimator,
-            inclusion=packed.get("inclusion"),
+            regularizers=Regularizers(entropy=entropy, entropy_coef=cfg.entropy_coef),
         )
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -480,19 +479,19 @@ def _probe_cosine(
     )
     logp, _ = policy.log_prob(packed["obs"], packed["tokens"], temperature=cfg.temperature)
     loss = masked_grpo_loss(
-        logp, packed["old_logp"], packed["adv"], selection=full_sel,
-        clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+        logp, old_logp=packed["old_logp"], advantages=packed["adv"], selection=full_sel,
+        clip=cfg.clip,
     ).loss
     full = torch.autograd.grad(loss, params, allow_unused=True)
     return float(gradient_cosine(masked, full))
 
 
 def phase_stats(
-    selection: Selection, info: MaskerInfo, *, selected_by_masker: bool
+    selection: Selection, info: PhaseUpdate, *, selected_by_masker: bool
 ) -> dict[str, Any]:
     """The step's per-phase log: realised allocation, `V_c` and keep probabilities.
 
-    Everything comes from the masker's `MaskerInfo`. Only when another selector chose the chunks
+    Everything comes from the masker's `PhaseUpdate`. Only when another selector chose the chunks
     (`selected_by_masker=False`) are that selection's chunks counted per phase; the keep
     probabilities are then None, since they played no part.
 
@@ -502,7 +501,7 @@ def phase_stats(
     """
     num_traj = selection.num_traj
     if selected_by_masker:
-        selected = info.selected_per_phase
+        selected = info.selected_per_phase(selection)
     else:
         in_phase = torch.nn.functional.one_hot(
             info.phases.clamp_min(0), info.available_per_phase.shape[0]
