@@ -41,10 +41,6 @@ from chunkmask import binomial_interval, paired_difference  # noqa: E402
 from chunkmask.pipeline import (  # noqa: E402
     AsyncPipeline,
     PipelineConfig,
-    pickplace_env_fn,
-    pickplace_max_chunks,
-    pickplace_policy_fn,
-    pickplace_reset_options,
     ray_session,
     stage_busy_time,
 )
@@ -53,6 +49,10 @@ from chunkmask.testbed import (  # noqa: E402
     PickPlaceVectorEnv,
     behaviour_cloning,
     collect_demonstrations,
+    pickplace_env_fn,
+    pickplace_max_chunks,
+    pickplace_policy_fn,
+    pickplace_reset_options,
     rollout,
     sample_initial_states,
 )
@@ -725,8 +725,8 @@ It is an optional extra: `pip install "chunkmask[ray]"` (`import chunkmask` neve
 It builds on the primitives of [Staleness and the decoupled loss](decoupled.md).
 
 ```python
-from chunkmask.pipeline import (AsyncPipeline, PipelineConfig, pickplace_env_fn,
-                                pickplace_policy_fn, pickplace_reset_options)
+from chunkmask.pipeline import AsyncPipeline, PipelineConfig
+from chunkmask.testbed import pickplace_env_fn, pickplace_policy_fn, pickplace_reset_options
 
 cfg = PipelineConfig(mode="full-async", selector="pcm", budget=12)
 with AsyncPipeline(pickplace_env_fn(), pickplace_policy_fn(d_model=128, depth=4), cfg,
@@ -886,13 +886,13 @@ update has made each step faster.
 
 ::: chunkmask.pipeline.update.make_masker
 
-::: chunkmask.pipeline.testbed.pickplace_env_fn
+::: chunkmask.testbed.pipeline_env.pickplace_env_fn
 
-::: chunkmask.pipeline.testbed.pickplace_policy_fn
+::: chunkmask.testbed.pipeline_env.pickplace_policy_fn
 
-::: chunkmask.pipeline.testbed.pickplace_reset_options
+::: chunkmask.testbed.pipeline_env.pickplace_reset_options
 
-::: chunkmask.pipeline.testbed.pickplace_max_chunks
+::: chunkmask.testbed.pipeline_env.pickplace_max_chunks
 """
 
 

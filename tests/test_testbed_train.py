@@ -188,7 +188,7 @@ def test_main_job_quick_without_ht(tmp_path):
         ("lr", 0.0, ValueError, r"`lr` must lie in \(0.0, inf\), got 0.0"),
         ("temperature", -1.0, ValueError, r"`temperature` must lie in \(0.0, inf\), got -1.0"),
         ("entropy_coef", -0.1, ValueError, r"`entropy_coef` must lie in \[0.0, inf\), got -0.1"),
-        ("clip_low", 1.0, ValueError, r"`clip_low` must lie in \(0.0, 1.0\), got 1.0"),
+        ("clip_low", 1.0, ValueError, r"`clip_low` must lie in \[0.0, 1.0\), got 1.0"),
         ("p_min", 1.5, ValueError, r"`p_min` must lie in \[0.0, 1.0\], got 1.5"),
         ("grad_clip", float("nan"), ValueError, r"`grad_clip` must be finite, got nan"),
         ("pods_keep", 0, ValueError, r"`pods_keep` must be > 0, got 0"),

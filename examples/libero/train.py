@@ -64,7 +64,9 @@ from chunkmask import (  # noqa: E402
     ProbabilisticChunkMasker,
     Regularizers,
     Selection,
+    SelectorInputs,
     dynamic_sampling_mask,
+    get_selector,
     group_relative_advantages,
     loss_normalizers,
     masked_grpo_loss,
@@ -614,9 +616,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 valid=kept_valid,
                 num_groups=local_prompts,
             )
-            selection = masker.draw(info.phases, valid=kept_valid)
-        else:
-            selection = Selection.from_mask(kept_valid)
+        selection = get_selector("pcm" if cfg.pcm else "full")(  # chunkmask's selector registry
+            SelectorInputs(
+                valid=kept_valid,
+                budget=cfg.budget,
+                phases=None if info is None else info.phases,
+                advantages=advantages,
+                masker=masker,
+            )
+        )
         stats = update(policy, batch, selection, advantages, optimizer, params, cfg, dist)
         update_s = time.perf_counter() - t1
 

@@ -61,6 +61,7 @@ from chunkmask.masker import (
     PhaseUpdate,
     ProbabilisticChunkMasker,
 )
+from chunkmask.optim_config import OptimConfig
 from chunkmask.phases import (
     NUM_ONSET_PHASES,
     NUM_PHASES,
@@ -91,6 +92,14 @@ from chunkmask.sampling import (
 from chunkmask.score_buffer import PhaseScoreBuffer
 from chunkmask.scores import PhaseVariance, success_failure_variance
 from chunkmask.selection import Selection
+from chunkmask.selectors import (
+    GENERIC_SELECTORS,
+    SelectorInputs,
+    available_selectors,
+    get_selector,
+    register_selector,
+    unregister_selector,
+)
 from chunkmask.shrinking import shrink, unshrink
 from chunkmask.staleness import StalenessGate, staleness, staleness_filter
 from chunkmask.stats import (
@@ -131,12 +140,14 @@ __all__ = [
     "EvictOldest",
     "EvictSlowest",
     "FlopCount",
+    "GENERIC_SELECTORS",
     "GradientSketch",
     "LossBalanceBCWeight",
     "LossNormalizers",
     "NUM_ONSET_PHASES",
     "NUM_PHASES",
     "OnsetPhase",
+    "OptimConfig",
     "PairedDifference",
     "Phase",
     "PhaseLabelling",
@@ -151,6 +162,7 @@ __all__ = [
     "Regularizers",
     "SavedTensorCounter",
     "Selection",
+    "SelectorInputs",
     "SelectorStatistics",
     "StalenessGate",
     "SuccessBuffer",
@@ -160,6 +172,7 @@ __all__ = [
     "__version__",
     "advantage_aware_budgets",
     "aggregate_loss",
+    "available_selectors",
     "bc_loss",
     "binomial_interval",
     "chunk_gae",
@@ -172,6 +185,7 @@ __all__ = [
     "decoupled_ppo_loss",
     "dynamic_sampling_mask",
     "equivalence_test",
+    "get_selector",
     "gradient_cosine",
     "gripper_close_fraction",
     "group_relative_advantages",
@@ -193,6 +207,7 @@ __all__ = [
     "plackett_luce_sample",
     "pps_inclusion",
     "pps_sample",
+    "register_selector",
     "selector_statistics",
     "shrink",
     "staleness",
@@ -204,6 +219,7 @@ __all__ = [
     "top_phase_sample",
     "topk_sample",
     "uniform_sample",
+    "unregister_selector",
     "unshrink",
     "value_loss",
     "whiten_advantages",

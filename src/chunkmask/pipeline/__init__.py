@@ -15,9 +15,14 @@ Accelerating via Full Asynchronism"), AReaL and RLinf:
 the learner and restarts dead env workers. The modes `"sync"`, `"async-rollout"` and
 `"full-async"` set how much the stages overlap (`PipelineConfig`). Ray is imported only here;
 without it every name raises an `ImportError` that says what to install.
+
+The pipeline knows no concrete policy or environment: the policy only has to satisfy
+`ChunkPolicy`. The adapters for the CPU testbed live in `chunkmask.testbed.pipeline_env`.
 """
 
 from importlib.util import find_spec
+
+from chunkmask.pipeline.policy import ChunkPolicy  # plain typing, no Ray
 
 
 def _has(name: str) -> bool:
@@ -42,12 +47,6 @@ if _has("ray"):
         ray_session,
         stage_busy_time,
     )
-    from chunkmask.pipeline.testbed import (
-        pickplace_env_fn,
-        pickplace_max_chunks,
-        pickplace_policy_fn,
-        pickplace_reset_options,
-    )
     from chunkmask.pipeline.update import (
         TrajectoryGroup,
         collate_groups,
@@ -69,6 +68,7 @@ __all__ = [
     "MODES",
     "SELECTORS",
     "AsyncPipeline",
+    "ChunkPolicy",
     "EnvWorker",
     "InferenceServer",
     "Learner",
@@ -82,8 +82,4 @@ __all__ = [
     "make_masker",
     "ray_session",
     "stage_busy_time",
-    "pickplace_env_fn",
-    "pickplace_max_chunks",
-    "pickplace_policy_fn",
-    "pickplace_reset_options",
 ]

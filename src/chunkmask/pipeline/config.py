@@ -4,9 +4,11 @@ Plain Python, no Ray: the dataclass validates itself and resolves the mode-depen
 (`max_staleness`, the inference batching, the queue capacity) in `resolved()`.
 """
 
-import math
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Literal
+
+from chunkmask import OptimConfig
+from chunkmask._checks import check_bool, check_option, check_positive_int, check_range
 
 Mode = Literal["sync", "async-rollout", "full-async"]
 MODES: tuple[str, ...] = ("sync", "async-rollout", "full-async")
@@ -16,33 +18,13 @@ SELECTORS: tuple[str, ...] = ("full", "pcm")
 """Chunk selectors of the learner: every executed chunk (GRPO) or PCM's masker."""
 
 
-def _check_int(value: Any, name: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    return value
-
-
-def _check_float(value: Any, name: str, *, low: float = 0.0, low_open: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}.")
-    value = float(value)
-    bad = not math.isfinite(value) or (value <= low if low_open else value < low)
-    if bad:
-        raise ValueError(f"`{name}` must be {'>' if low_open else '>='} {low}, got {value}.")
-    return value
-
-
-def _check_option(value: Any, name: str, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise ValueError(f"`{name}` must be one of {options}, got {value!r}.")
-    return value
-
-
 @dataclass
-class PipelineConfig:
+class PipelineConfig(OptimConfig):
     """Configuration of an `AsyncPipeline`.
+
+    The optimisation fields (`temperature`, `lr`, `weight_decay`, `grad_clip`, `clip_low`,
+    `clip_high`; keyword-only) and the `clip` property come from `chunkmask.OptimConfig`, shared
+    with the testbed's `TrainConfig`.
 
     The unit of work is a *task*: one env worker runs `envs_per_worker` episodes in lockstep (a
     shard of `envs_per_worker / group_size` prompts times `group_size` rollouts each). The
@@ -76,7 +58,10 @@ class PipelineConfig:
         weight_decay: AdamW weight decay.
         grad_clip: gradient-norm clip.
         clip_low: surrogate clip `eps_low`.
-        clip_high: surrogate clip `eps_high`.
+        clip_high: surrogate clip `eps_high`. The default 0.4 is the testbed's tuned value (the
+            testbed's `TrainConfig` uses the same; see `OptimConfig`), wider than the library's
+            `Clip` default of 0.28 (DAPO's clip-higher); `clip` builds the loss's `Clip` from
+            `clip_low` and `clip_high`.
         behaviour_weight_cap: cap of the behaviour weight `pi_prox / pi_behav` of
             `decoupled_ppo_loss` (None: no cap).
         cap_mode: `"mask"` or `"clamp"` (see `decoupled_ppo_loss`).
@@ -112,12 +97,6 @@ class PipelineConfig:
     max_concurrent: int | None = None
     max_batch: int | None = None
     batch_timeout_s: float | None = None
-    temperature: float = 1.0
-    lr: float = 3e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 2.0
-    clip_low: float = 0.2
-    clip_high: float = 0.4
     behaviour_weight_cap: float | None = 2.0
     cap_mode: Literal["mask", "clamp"] = "mask"
     loss_agg_mode: str = "seq-mean-token-mean"
@@ -136,14 +115,12 @@ class PipelineConfig:
     fingerprint_weights: bool = False
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Raise `ValueError`/`TypeError` naming the first field that is out of range."""
-        _check_option(self.mode, "mode", MODES)
-        _check_option(self.selector, "selector", SELECTORS)
-        _check_option(self.cap_mode, "cap_mode", ("mask", "clamp"))
+        super().validate()
+        check_option(self.mode, "mode", MODES)
+        check_option(self.selector, "selector", SELECTORS)
+        check_option(self.cap_mode, "cap_mode", ("mask", "clamp"))
         for name in (
             "num_env_workers",
             "envs_per_worker",
@@ -155,37 +132,29 @@ class PipelineConfig:
             "threads_per_actor",
             "max_worker_failures",
         ):
-            _check_int(getattr(self, name), name)
-        _check_int(self.seed, "seed", minimum=0)
-        _check_int(self.worker_max_restarts, "worker_max_restarts", minimum=-1)
+            check_positive_int(getattr(self, name), name)
+        check_positive_int(self.seed, "seed", allow_zero=True)
+        restarts = self.worker_max_restarts
+        if not (isinstance(restarts, int) and not isinstance(restarts, bool) and restarts == -1):
+            check_positive_int(restarts, "worker_max_restarts", allow_zero=True)  # or -1
         for name in ("max_concurrent", "max_batch", "snapshot_every", "queue_capacity"):
             if getattr(self, name) is not None:
-                _check_int(getattr(self, name), name)
+                check_positive_int(getattr(self, name), name)
         if self.max_staleness is not None:
-            _check_int(self.max_staleness, "max_staleness", minimum=0)
+            check_positive_int(self.max_staleness, "max_staleness", allow_zero=True)
             if self.mode == "sync" and self.max_staleness != 0:
                 raise ValueError(
                     f"`max_staleness` must be 0 (or None) in mode 'sync', got {self.max_staleness}."
                 )
-        for name in ("temperature", "lr", "grad_clip", "clip_high", "startup_timeout_s",
-                     "rpc_timeout_s", "stall_timeout_s"):
-            _check_float(getattr(self, name), name)
-        for name in ("weight_decay", "actor_num_cpus"):
-            _check_float(getattr(self, name), name, low_open=False)
-        _check_float(self.clip_low, "clip_low", low_open=False)
-        if self.clip_low >= 1.0:
-            raise ValueError(f"`clip_low` must be < 1, got {self.clip_low}.")
+        for name in ("startup_timeout_s", "rpc_timeout_s", "stall_timeout_s"):
+            check_range(getattr(self, name), name, low=0.0, low_open=True)
+        check_range(self.actor_num_cpus, "actor_num_cpus", low=0.0)
         if self.batch_timeout_s is not None:
-            _check_float(self.batch_timeout_s, "batch_timeout_s", low_open=False)
+            check_range(self.batch_timeout_s, "batch_timeout_s", low=0.0)
         if self.behaviour_weight_cap is not None:
-            _check_float(self.behaviour_weight_cap, "behaviour_weight_cap")
-        _check_float(self.p_min, "p_min")
-        if self.p_min > 1.0:
-            raise ValueError(f"`p_min` must be <= 1, got {self.p_min}.")
-        if not isinstance(self.fingerprint_weights, bool):
-            raise TypeError(
-                f"`fingerprint_weights` must be a bool, got {type(self.fingerprint_weights).__name__}."
-            )
+            check_range(self.behaviour_weight_cap, "behaviour_weight_cap", low=0.0, low_open=True)
+        check_range(self.p_min, "p_min", low=0.0, high=1.0, low_open=True)
+        check_bool(self.fingerprint_weights, "fingerprint_weights")
         if self.envs_per_worker % self.group_size:
             raise ValueError(
                 f"`envs_per_worker` must be a multiple of `group_size` ({self.group_size}), got "

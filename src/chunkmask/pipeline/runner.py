@@ -169,7 +169,8 @@ class AsyncPipeline:
     Example:
         A sketch (it starts Ray, so it is not run as a doctest)::
 
-            from chunkmask.pipeline import AsyncPipeline, PipelineConfig, pickplace_env_fn, ...
+            from chunkmask.pipeline import AsyncPipeline, PipelineConfig
+            from chunkmask.testbed import pickplace_env_fn, pickplace_policy_fn, ...
             cfg = PipelineConfig(mode="full-async", selector="pcm")
             with AsyncPipeline(pickplace_env_fn(), pickplace_policy_fn(), cfg,
                                reset_options=pickplace_reset_options(cfg.group_size)) as pipe:

@@ -5,8 +5,9 @@ Per update the learner runs, on the `B` trajectories it took from the queue:
 1. `staleness_filter`: drop the trajectories whose oldest chunk is more than $\eta$ versions
    behind the learner (RLinf's rule), counting them;
 2. `group_relative_advantages` on the kept trajectories (GRPO, Eq. 1 of the PCM paper);
-3. the chunk selection: every executed chunk (`"full"`) or `ProbabilisticChunkMasker.select`
-   (`"pcm"`), and `shrink` to the selected chunks;
+3. the chunk selection, by name from the core's registry (`chunkmask.get_selector`): every
+   executed chunk (`"full"`) or `ProbabilisticChunkMasker.update` then the `"pcm"` draw, and
+   `shrink` to the selected chunks;
 4. one forward of the selected chunks, `decoupled_ppo_loss` and one AdamW step.
 
 The learner takes one optimiser step per batch, so the proximal policy $\pi_{prox}$ of the
@@ -24,17 +25,18 @@ from torch import Tensor
 
 from chunkmask import (
     Behaviour,
-    Clip,
     PhaseScoring,
     ProbabilisticChunkMasker,
-    Selection,
+    SelectorInputs,
     decoupled_ppo_loss,
+    get_selector,
     group_relative_advantages,
     shrink,
     staleness,
     staleness_filter,
 )
 from chunkmask.pipeline.config import PipelineConfig
+from chunkmask.pipeline.policy import ChunkPolicy
 
 
 class TrajectoryGroup(NamedTuple):
@@ -114,7 +116,7 @@ def make_masker(config: PipelineConfig) -> ProbabilisticChunkMasker:
 
 
 def decoupled_grpo_update(
-    policy: torch.nn.Module,
+    policy: ChunkPolicy,
     optimizer: torch.optim.Optimizer,
     batch: TrajectoryGroup,
     *,
@@ -131,8 +133,8 @@ def decoupled_grpo_update(
     deterministic CPU kernels.
 
     Args:
-        policy: the learner's policy; `policy.log_prob(obs, tokens, temperature=)` returns
-            `(logp, entropy)` of shape `(M, K)`.
+        policy: the learner's policy (a `ChunkPolicy`: `policy.log_prob(obs, tokens,
+            temperature=)` returns `(logp, _)` with `logp` of shape `(M, K)`).
         optimizer: its optimiser (one step is taken).
         batch: the collated `TrajectoryGroup` of the update.
         version: the learner's current version `v` (before this update).
@@ -175,12 +177,19 @@ def decoupled_grpo_update(
     sub = TrajectoryGroup(*(x[keep] if x.ndim else x for x in batch))
     _, group = torch.unique(sub.group, return_inverse=True)
     advantages = group_relative_advantages(sub.returns.float(), group)
-    if config.selector == "pcm":
-        selection = masker.select(
-            actions=sub.actions, success=sub.success, group=group, valid=sub.valid
+    info = None
+    if masker is not None and config.selector == "pcm":  # advances the phase scores once
+        info = masker.update(actions=sub.actions, success=sub.success, group=group, valid=sub.valid)
+    selection = get_selector(config.selector)(
+        SelectorInputs(
+            valid=sub.valid,
+            budget=config.budget,
+            phases=None if info is None else info.phases,
+            scores=None if info is None else info.scores,
+            advantages=advantages,
+            masker=masker,
         )
-    else:
-        selection = Selection.from_mask(sub.valid)
+    )
     age = staleness(torch.where(sub.valid, sub.versions, version), version)
     packed = shrink(
         {"obs": sub.obs, "tokens": sub.tokens, "behav": sub.logp, "adv": advantages, "age": age},
@@ -196,7 +205,7 @@ def decoupled_grpo_update(
         ),
         advantages=packed["adv"],
         selection=selection,
-        clip=Clip(low=config.clip_low, high=config.clip_high),
+        clip=config.clip,
         loss_agg_mode=config.loss_agg_mode,
     )
     optimizer.zero_grad(set_to_none=True)

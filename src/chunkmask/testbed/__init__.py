@@ -23,6 +23,12 @@ if find_spec("gymnasium") is not None:
         sample_initial_states,
     )
     from chunkmask.testbed.expert import Demonstrations, ScriptedExpert, collect_demonstrations
+    from chunkmask.testbed.pipeline_env import (
+        pickplace_env_fn,
+        pickplace_max_chunks,
+        pickplace_policy_fn,
+        pickplace_reset_options,
+    )
     from chunkmask.testbed.policy import TokenChunkPolicy, actions_to_tokens, tokens_to_actions
     from chunkmask.testbed.rollout import RolloutBatch, rollout
     from chunkmask.testbed.sft import behaviour_cloning
@@ -56,6 +62,10 @@ __all__ = [
     "collect_demonstrations",
     "evaluate",
     "obs_layout",
+    "pickplace_env_fn",
+    "pickplace_max_chunks",
+    "pickplace_policy_fn",
+    "pickplace_reset_options",
     "rollout",
     "sample_initial_states",
     "tokens_to_actions",

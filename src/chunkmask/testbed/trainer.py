@@ -20,8 +20,10 @@ take one clipped-surrogate AdamW step on the rollouts' action tokens. The only t
   proportional to `|A_i|` times `chunk_score_norm` (`pps_sample`); with
   `estimator="horvitz_thompson"` an unbiased update with a Neyman allocation.
 
-With PCM the whole change to the loop is the `masker.select` call and the `shrink` of the batch
-to the selected chunks (`update` below). Two options apply to every selector:
+Every arm is looked up by name in the core's selector registry (`chunkmask.get_selector`, one
+`SelectorInputs -> Selection` signature); the testbed registers its own `"pods"` and
+`"token_entropy"` there. With PCM the whole change to the loop is the masker's `update`, its
+draw and the `shrink` of the batch to the selected chunks (`update` below). Two options apply to every selector:
 `dynamic_sampling` drops the groups whose success rate lies outside `[0.1, 0.9]` before the update
 (SimpleVLA-RL's filter: such groups have advantage 0), and `advantage_aware` (`"pcm"` and
 `"random"`) spends no chunks on zero-advantage trajectories and `B` on each trajectory that
@@ -33,7 +35,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from jaxtyping import Int64
@@ -43,17 +45,20 @@ from chunkmask import (
     NUM_ONSET_PHASES,
     NUM_PHASES,
     ChunkBudget,
-    Clip,
     OnsetPhase,
+    OptimConfig,
     PhaseLabelling,
     PhaseScoring,
     PhaseUpdate,
     ProbabilisticChunkMasker,
     Regularizers,
     Selection,
+    SelectorInputs,
     advantage_aware_budgets,
+    available_selectors,
     chunk_score_norm,
     dynamic_sampling_mask,
+    get_selector,
     gradient_cosine,
     gripper_close_fraction,
     group_relative_advantages,
@@ -61,12 +66,8 @@ from chunkmask import (
     label_grasp_onset,
     masked_grpo_loss,
     max_variance_downsample,
-    plackett_luce_sample,
-    pps_sample,
+    register_selector,
     shrink,
-    top_phase_sample,
-    topk_sample,
-    uniform_sample,
 )
 from chunkmask._checks import check_bool, check_option, check_positive_int, check_range
 from chunkmask.testbed.env import InitialState, PickPlaceConfig, PickPlaceVectorEnv
@@ -77,21 +78,18 @@ from chunkmask.testbed.rollout import RolloutBatch, rollout
 Selector = Literal[
     "full", "pcm", "random", "top_phase", "entropy_topk", "pods", "token_entropy", "pps"
 ]
-SELECTORS: tuple[str, ...] = (
-    "full",
-    "pcm",
-    "random",
-    "top_phase",
-    "entropy_topk",
-    "pods",
-    "token_entropy",
-    "pps",
-)
+SELECTORS: tuple[str, ...] = get_args(Selector)
+"""The testbed's arms: the core's generic selectors (`chunkmask.available_selectors`) and the
+testbed-level `"pods"` and `"token_entropy"`, registered below."""
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(OptimConfig):
     """Hyper-parameters of a GRPO run on the testbed (defaults follow App. E where they apply).
+
+    The optimisation fields (`temperature`, `lr`, `weight_decay`, `grad_clip`, `clip_low`,
+    `clip_high`; keyword-only) and the `clip` property come from `chunkmask.OptimConfig`, shared
+    with the pipeline's `PipelineConfig`.
 
     Attributes:
         selector: which chunks enter the update (see the module docstring).
@@ -105,7 +103,9 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         grad_clip: gradient-norm clip.
         clip_low: surrogate clip `eps_low`.
-        clip_high: surrogate clip `eps_high`.
+        clip_high: surrogate clip `eps_high`. The default 0.4 is this testbed's tuned value (see
+            docs/testbed.md), wider than the library's `Clip` default of 0.28; `clip` builds the
+            loss's `Clip` from `clip_low` and `clip_high`.
         entropy_coef: entropy bonus coefficient.
         mini_batch: trajectories per PPO mini-batch (one AdamW step each). The default takes
             one step on the whole batch: with 64 trajectories of ~50 chunks x 40 tokens and a
@@ -145,12 +145,6 @@ class TrainConfig:
     steps: int = 30
     prompts_per_step: int = 8
     group_size: int = 8
-    temperature: float = 1.0
-    lr: float = 3e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 2.0
-    clip_low: float = 0.2
-    clip_high: float = 0.4
     entropy_coef: float = 0.0
     mini_batch: int = 64
     refresh_every: int = 5
@@ -170,16 +164,9 @@ class TrainConfig:
     min_groups: float = 0.0
     probe_every: int = 0
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @property
-    def clip(self) -> Clip:
-        """The loss's `Clip` from `clip_low` and `clip_high` (0.4: wider than the library's)."""
-        return Clip(low=self.clip_low, high=self.clip_high)
-
     def validate(self) -> None:
         """Raise `ValueError`/`TypeError` naming the first field that is out of range."""
+        super().validate()
         check_option(self.selector, "selector", SELECTORS)
         check_option(self.estimator, "estimator", ("masked", "horvitz_thompson"))
         if self.estimator == "horvitz_thompson" and self.selector not in ("full", "pcm", "pps"):
@@ -201,11 +188,7 @@ class TrainConfig:
             check_positive_int(getattr(self, name), name)
         check_positive_int(self.seed, "seed", allow_zero=True)
         check_positive_int(self.probe_every, "probe_every", allow_zero=True)
-        for name in ("temperature", "lr", "grad_clip", "clip_high"):
-            check_range(getattr(self, name), name, low=0.0, low_open=True)
-        for name in ("weight_decay", "entropy_coef"):
-            check_range(getattr(self, name), name, low=0.0)
-        check_range(self.clip_low, "clip_low", low=0.0, high=1.0, low_open=True, high_open=True)
+        check_range(self.entropy_coef, "entropy_coef", low=0.0)
         check_range(self.p_min, "p_min", low=0.0, high=1.0)
         check_range(self.token_fraction, "token_fraction", low=0.0, high=1.0, low_open=True)
         check_option(self.phase_rule, "phase_rule", ("gripper", "onset"))
@@ -315,38 +298,20 @@ def score_phases(
     return masker.draw(info.phases, valid=valid, advantages=advantages), info
 
 
-def baseline_selection(
-    selector: str,
-    batch: RolloutBatch,
-    info: PhaseUpdate | None,
-    *,
-    budget: int,
-    generator: torch.Generator,
-    valid: Tensor | None = None,
-    budgets: Tensor | None = None,
-) -> Selection:
-    """The chunks a non-PCM selector sends into the update (`"full"` keeps every chunk).
+@register_selector("pods")
+@register_selector("token_entropy")
+def _every_valid_chunk(inputs: SelectorInputs) -> Selection:
+    """The testbed's `"pods"` and `"token_entropy"`: every chunk of `inputs.valid`.
 
-    `info` is the masker's `PhaseUpdate` of this batch; only `"top_phase"` needs it (its phases
-    and `V_c`). `valid` replaces the batch's own (after dynamic sampling); `budgets` are
-    per-trajectory budgets for `"random"` (advantage-aware). `"pods"` and `"token_entropy"`
-    keep every valid chunk here: `update` has already restricted `valid` to PODS's rollouts, and
-    the entropy rule selects tokens inside the loss.
+    `update` has already restricted `valid` to PODS's rollouts, and the entropy rule selects
+    tokens inside the loss.
     """
-    valid = batch.valid if valid is None else valid
-    if selector in ("full", "pods", "token_entropy"):
-        return Selection.from_mask(valid)
-    if selector == "random":
-        if budgets is not None:
-            return plackett_luce_sample(valid.float(), budgets, valid=valid, generator=generator)
-        return uniform_sample(valid, budget, generator=generator)
-    if selector == "top_phase":
-        if info is None:
-            raise ValueError("`info` must be given for selector 'top_phase', got None.")
-        return top_phase_sample(info.phases, info.scores, budget, valid=valid, generator=generator)
-    if selector == "entropy_topk":
-        return topk_sample(batch.entropy, budget, valid=valid)
-    raise ValueError(f"`selector` must be one of {SELECTORS}, got {selector!r}.")
+    return Selection.from_mask(inputs.valid)
+
+
+_unregistered = [name for name in SELECTORS if name not in available_selectors()]
+if _unregistered:  # every testbed arm dispatches through the registry
+    raise RuntimeError(f"testbed selectors without a registration: {_unregistered}")
 
 
 def update(
@@ -380,33 +345,37 @@ def update(
         valid = valid & keep[:, None]
 
     info = None
-    if cfg.selector == "pps":  # probability proportional to |A_i| x the chunk's score norm
-        sizes = advantages.abs()[:, None] * chunk_score_norm(batch.logp)
-        selection = pps_sample(sizes, cfg.budget, valid=valid, generator=generator)
-    elif cfg.selector == "pcm":  # PCM: score the phases, draw B chunks per trajectory (Eq. 5-10)
-        # An advantage-aware masker sees every trajectory: it gives the zero-advantage ones (the
-        # groups dynamic sampling drops) no chunks, B for each trajectory that reaches the update.
-        scored = batch.valid if cfg.advantage_aware else valid
-        selection, info = score_phases(masker, batch, group, valid=scored, advantages=advantages)
-    else:
-        if cfg.selector == "top_phase":  # the phases and V_c of this batch, from the masker
-            _, info = score_phases(masker, batch, group, valid=valid)
-        budgets = None
-        if cfg.advantage_aware:  # B per trajectory that reaches the update, none where A = 0
-            reaching = (advantages != 0) & valid.any(1)
-            budgets = advantage_aware_budgets(
-                advantages, batch.valid.sum(1), cfg.budget, max_budget=valid.shape[1],
-                total_budget=cfg.budget * reaching.sum(),
-            ) * valid.any(1)
-        selection = baseline_selection(
-            cfg.selector,
-            batch,
-            info,
+    scored = valid
+    if cfg.selector in ("pcm", "top_phase"):  # the phases and V_c of this batch (Eq. 5-9)
+        # An advantage-aware PCM masker sees every trajectory: it gives the zero-advantage ones
+        # (the groups dynamic sampling drops) no chunks, B for each trajectory that reaches the
+        # update.
+        if cfg.selector == "pcm" and cfg.advantage_aware:
+            scored = batch.valid
+        info = masker.update(
+            actions=batch.actions, success=batch.success, group=group, valid=scored
+        )
+    budgets = None
+    if cfg.advantage_aware and cfg.selector != "pcm":  # B per trajectory reaching the update
+        reaching = (advantages != 0) & valid.any(1)
+        budgets = advantage_aware_budgets(
+            advantages, batch.valid.sum(1), cfg.budget, max_budget=valid.shape[1],
+            total_budget=cfg.budget * reaching.sum(),
+        ) * valid.any(1)
+    selection = get_selector(cfg.selector)(
+        SelectorInputs(
+            valid=scored,
             budget=cfg.budget,
             generator=generator,
-            valid=valid,
+            phases=None if info is None else info.phases,
+            scores=None if info is None else info.scores,
+            advantages=advantages,
+            entropy=batch.entropy,
+            score_norms=chunk_score_norm(batch.logp) if cfg.selector == "pps" else None,
             budgets=budgets,
+            masker=masker,
         )
+    )
 
     # PPO mini-batches of whole trajectories (one AdamW step each), in a shuffled order.
     num_traj = batch.success.shape[0]

@@ -1,7 +1,8 @@
-"""Adapters that plug the CPU testbed (`chunkmask.testbed`) into `AsyncPipeline`.
+"""Adapters that plug the CPU testbed into `chunkmask.pipeline.AsyncPipeline`.
 
 Each returns a picklable callable (a `functools.partial` of a module-level function), so Ray
-ships it to the actors by reference. They need the `testbed` extra (gymnasium).
+ships it to the actors by reference. They need the `testbed` extra (gymnasium), not Ray: the
+dependency runs from the testbed to the pipeline's interfaces, never the other way.
 """
 
 import functools
@@ -10,25 +11,23 @@ from typing import Any
 
 import torch
 
+from chunkmask.testbed.env import PickPlaceConfig, PickPlaceVectorEnv, obs_layout
+from chunkmask.testbed.env import sample_initial_states as _sample_initial_states
+from chunkmask.testbed.policy import TokenChunkPolicy
+
 
 def _make_env(num_envs: int, config: Any) -> Any:
-    from chunkmask.testbed import PickPlaceVectorEnv
-
     return PickPlaceVectorEnv(num_envs, config)
 
 
 def _reset_options(seed: int, num_envs: int, group_size: int, config: Any) -> dict[str, Any]:
-    from chunkmask.testbed import sample_initial_states
-
-    states = sample_initial_states(
+    states = _sample_initial_states(
         num_envs // group_size, config=config, generator=torch.Generator().manual_seed(seed)
     )
     return {"initial_state": states.repeat_interleave(group_size)}
 
 
 def _make_policy(config: Any, kwargs: dict[str, Any]) -> torch.nn.Module:
-    from chunkmask.testbed import PickPlaceConfig, TokenChunkPolicy, obs_layout
-
     cfg = config or PickPlaceConfig()
     return TokenChunkPolicy(obs_layout(cfg.num_objects), num_tasks=cfg.num_objects, **kwargs)
 
@@ -79,7 +78,5 @@ def pickplace_max_chunks(config: Any = None, horizon: int = 8) -> int:
         >>> pickplace_max_chunks()
         64
     """
-    from chunkmask.testbed import PickPlaceConfig
-
     cfg = config or PickPlaceConfig()
     return -(-cfg.max_steps // horizon)
