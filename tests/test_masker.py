@@ -421,21 +421,21 @@ def test_scored_phases_and_robust_buffer_errors():
 
 
 def test_readme_loop_runs_as_written():
-    """The README's PCM loop is the API: its masker lines run verbatim on synthetic rollouts."""
+    """The README's PCM loop is the API: every line runs verbatim on synthetic rollouts."""
     import pathlib
     import re
 
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     section = readme.split("## PCM in a GRPO loop", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    # The loss line belongs to the losses' own tests; everything up to the forward runs here.
-    code = "\n".join(line for line in code.splitlines() if "masked_grpo_loss" not in line)
     batch = rollouts(seed=1)
     traj, n = batch["valid"].shape
 
+    weight = torch.zeros((), requires_grad=True)
+
     class Policy:
         def log_prob(self, obs, tokens):
-            return obs.sum(-1) * 0.0 - tokens.float().mean(-1)
+            return obs.sum(-1) * weight - tokens.float().mean(-1)
 
     namespace = {
         "rewards": batch["success"].float(), "group": batch["group"], "actions": batch["actions"],
@@ -448,6 +448,7 @@ def test_readme_loop_runs_as_written():
     assert torch.equal(sel.counts, batch["valid"].sum(1).clamp_max(12))
     assert namespace["logp"].shape == (sel.num_selected(),)
     assert int(namespace["masker"].buffer.num_updates) == 1
+    assert weight.grad is not None and torch.isfinite(weight.grad)  # the loss line ran backward
 
 
 def test_advantage_aware_total_is_budget_per_trajectory_that_reaches_the_update():
