@@ -27,13 +27,13 @@ def bare(logp, old, adv):
     return loss.mean(1).mean()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=96)
     parser.add_argument("--tokens", type=int, default=56)
     parser.add_argument("--repeats", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/loss_overhead.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     logp = -torch.rand(args.rows, args.tokens, generator=gen)
@@ -78,6 +78,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for k in calls:
         print(f"{k:28s} {med[k]:8.1f} us  x{result['ratio_to_bare'][k]:.2f}")
+    return result
 
 
 if __name__ == "__main__":

@@ -420,3 +420,17 @@ def test_evidence_study_threshold_crossing_and_gradient_table(bench, tmp_path):
     table = study.gradient_table(diag)
     assert table["selectors"]["random"]["second_moment_ratio"] == 4.0
     assert table["selectors"]["random"]["signal_ratio_se"] == 0.5
+
+
+def test_loss_overhead_tiny(bench, tmp_path):
+    """The overhead benchmark checks that every call computes the bare value, then times them."""
+    loss_overhead = bench("loss_overhead")
+    out = tmp_path / "lo.json"
+    result = loss_overhead.main(["--rows", "8", "--tokens", "4", "--repeats", "3", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["shape"] == [8, 4] and saved["repeats"] == 3
+    assert set(saved["median_us"]) == {
+        "bare_surrogate", "clipped_surrogate_mean", "masked_grpo_loss", "masked_grpo_loss_validate"
+    }
+    assert saved["ratio_to_bare"]["bare_surrogate"] == 1.0
+    assert all(v > 0 for v in result["median_us"].values())
