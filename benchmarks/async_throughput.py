@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import base_parser, emit, metadata, parse  # noqa: E402
 
-from chunkmask import binomial_interval, paired_difference  # noqa: E402
+from chunkmask.eval import binomial_interval, paired_difference
 from chunkmask.pipeline import (  # noqa: E402
     AsyncPipeline,
     PipelineConfig,

@@ -36,7 +36,12 @@ from _harness import (
     trainable_parameters,
 )
 
-from chunkmask import CudaPeakMemory, SavedTensorCounter, count_flops, time_function
+from chunkmask.eval import (
+    CudaPeakMemory,
+    SavedTensorCounter,
+    count_flops,
+    time_function,
+)
 
 DEFAULT_BUDGETS = {"tiny": (2, 4)}  # every other preset: (8, 12, 16)
 MASK_ONLY_BUDGET = {"tiny": 4}  # every other preset: 12

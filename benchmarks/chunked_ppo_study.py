@@ -14,7 +14,7 @@ processes can share the work. ``--bc-weight RULE ...`` adds the weight-rule abla
 **Aggregate.** ``--aggregate`` reads whatever has finished and writes ``SUMMARY`` (default
 ``RESULTS.json``, i.e. ``benchmarks/results/chunked_ppo.json``):
 ``{"tasks": {TASK: {VARIANT: {success, steps_to_success, steps_all, wall_clock_s, ...}}}}`` with a
-``<field>_ci95`` beside each mean (Student-t over seeds, `chunkmask.stats.paired_difference`), the
+``<field>_ci95`` beside each mean (Student-t over seeds, `chunkmask.eval.paired_difference`), the
 ``per_seed`` lists, the pooled Wilson interval of success over all evaluation episodes
 (`binomial_interval`), paired differences against ``sft`` and ``ppo_sbc`` on the same seeds and
 goals (``paired``), a TOST of each variant against ``ppo_sbc`` at ±5 success points
@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from chunkmask.stats import binomial_interval, equivalence_test, paired_difference
+from chunkmask.eval import binomial_interval, equivalence_test, paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "metaworld_chunked_ppo.py"
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Statistics (all intervals come from chunkmask.stats)
+# Statistics (all intervals come from chunkmask.eval)
 
 
 def _finite(x: Any) -> bool:

@@ -39,8 +39,8 @@ Arms added after the first 15 seeds (same design, same seeds, `--arms` selects t
 
 Each finished arm rewrites `RESULTS/seed{s}.json` (small, committed) and is cached under `OUT`, so
 an interrupted study resumes mid-seed and arms can be added to finished seeds. `--report`
-aggregates whatever seeds exist with `chunkmask.paired_difference` and
-`chunkmask.equivalence_test` (RQ1, RQ3, RQ4), a paired bootstrap (RQ2) and the gradient
+aggregates whatever seeds exist with `chunkmask.eval.paired_difference` and
+`chunkmask.eval.equivalence_test` (RQ1, RQ3, RQ4), a paired bootstrap (RQ2) and the gradient
 diagnostics' JSON (`benchmarks/selector_diagnostics.py`).
 """
 
@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chunkmask import equivalence_test, paired_difference, pairs_for_halfwidth
+from chunkmask.eval import equivalence_test, paired_difference, pairs_for_halfwidth
 from chunkmask.testbed import PickPlaceConfig, TrainConfig, sample_initial_states, train
 from chunkmask.testbed.demo import DemoConfig, make_policy, sft_checkpoint
 from chunkmask.testbed.trainer import evaluate

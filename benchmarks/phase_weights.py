@@ -18,13 +18,8 @@ from pathlib import Path
 
 import torch
 
-from chunkmask import (
-    NUM_PHASES,
-    Phase,
-    ProbabilisticChunkMasker,
-    group_relative_advantages,
-    inclusion_probabilities,
-)
+from chunkmask import NUM_PHASES, ProbabilisticChunkMasker, group_relative_advantages
+from chunkmask.pcm import Phase, inclusion_probabilities
 from chunkmask.testbed.demo import DemoConfig, make_policy
 from chunkmask.testbed.env import PickPlaceConfig, PickPlaceVectorEnv, sample_initial_states
 from chunkmask.testbed.rollout import rollout

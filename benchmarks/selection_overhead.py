@@ -32,7 +32,6 @@ from _harness import Setup, base_parser, emit, get_config, metadata, parse, torc
 
 from chunkmask import (
     NUM_PHASES,
-    PhaseScoreBuffer,
     ProbabilisticChunkMasker,
     gripper_close_fraction,
     keep_probabilities,
@@ -40,8 +39,9 @@ from chunkmask import (
     plackett_luce_sample,
     shrink,
     success_failure_variance,
-    time_function,
 )
+from chunkmask.eval import time_function
+from chunkmask.pcm import PhaseScoreBuffer
 
 
 def _time_interleaved(fns: list, args: argparse.Namespace) -> list[tuple[float, float]]:

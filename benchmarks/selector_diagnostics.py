@@ -6,10 +6,10 @@
 For each of `--batches` independent rollout batches (8 prompts x 8 rollouts from the seed-0 SFT
 checkpoint of the main job, fresh initial states and sampling seeds per batch) it computes the
 full GRPO gradient and each selector's gradient on the same batch, sketches them
-(`chunkmask.GradientSketch`) and saves the sketches per batch, so an interrupted run resumes
-where it stopped. The report is `chunkmask.selector_statistics` per selector (second-moment
+(`chunkmask.eval.GradientSketch`) and saves the sketches per batch, so an interrupted run resumes
+where it stopped. The report is `chunkmask.eval.selector_statistics` per selector (second-moment
 inflation, signal ratio, predicted per-step efficiency, jackknife SEs over batches) and the phase
-shares of the PCM gradient (`chunkmask.phase_shares`).
+shares of the PCM gradient (`chunkmask.eval.phase_shares`).
 
 The policy is not updated: every gradient is the on-policy gradient at the SFT checkpoint (ratio 1),
 the quantity a first step would follow. Selectors, all at the testbed's `B = 12` unless stated:
@@ -43,24 +43,24 @@ import torch
 from chunkmask import (
     NUM_PHASES,
     ChunkBudget,
-    GradientSketch,
     LossNormalizers,
-    Phase,
     PhaseScoring,
     ProbabilisticChunkMasker,
     Selection,
-    advantage_aware_budgets,
     aggregate_loss,
-    chunk_score_norm,
     clipped_surrogate,
     group_relative_advantages,
     masked_grpo_loss,
-    max_variance_downsample,
-    phase_shares,
     plackett_luce_sample,
     pps_sample,
-    selector_statistics,
     shrink,
+)
+from chunkmask.baselines import max_variance_downsample
+from chunkmask.eval import GradientSketch, phase_shares, selector_statistics
+from chunkmask.pcm import (
+    Phase,
+    advantage_aware_budgets,
+    chunk_score_norm,
     top_phase_sample,
     topk_sample,
     uniform_sample,

@@ -64,23 +64,24 @@ from torch import nn
 from chunkmask import (
     NUM_PHASES,
     Clip,
+    ProbabilisticChunkMasker,
+    Selection,
+    bc_loss,
+    chunk_gae,
+    chunk_log_prob,
+    chunked_ppo_loss,
+    shrink,
+    value_loss,
+)
+from chunkmask.advantages import chunk_rewards, whiten_advantages
+from chunkmask.selfbc import (
     ConstantBCWeight,
     EvictOldest,
     EvictSlowest,
     LossBalanceBCWeight,
-    ProbabilisticChunkMasker,
     ProductBCWeight,
-    Selection,
     SuccessBuffer,
     SuccessRateBCWeight,
-    bc_loss,
-    chunk_gae,
-    chunk_log_prob,
-    chunk_rewards,
-    chunked_ppo_loss,
-    shrink,
-    value_loss,
-    whiten_advantages,
 )
 
 VARIANTS = ("ppo", "ppo_sbc", "ppo_sbc_pcm")

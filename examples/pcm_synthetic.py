@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         budget=args.budget, num_phases=chunkmask.NUM_PHASES,
         scoring=chunkmask.PhaseScoring(refresh_every=3), seed=args.seed,
     )
-    names = [p.name.lower() for p in chunkmask.Phase if p != chunkmask.Phase.PAD]
+    names = [p.name.lower() for p in chunkmask.pcm.Phase if p != chunkmask.pcm.Phase.PAD]
     print(f"PCM on synthetic rollouts: {args.prompts} prompts x {args.group_size} rollouts, "
           f"N={args.chunks} chunks, budget B={args.budget}")
     print(f"{'step':>4} {'succ':>5} {'kept':>9} {'loss':>9} {'|grad|':>7} {'ms':>6}  "

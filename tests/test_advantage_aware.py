@@ -9,13 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chunkmask import (
-    ChunkBudget,
-    ProbabilisticChunkMasker,
-    advantage_aware_budgets,
-    inclusion_probabilities,
-    plackett_luce_sample,
-)
+from chunkmask import ChunkBudget, ProbabilisticChunkMasker, plackett_luce_sample
+from chunkmask.pcm import advantage_aware_budgets, inclusion_probabilities
 
 
 def water_fill_reference(adv, lengths, budget, max_budget=None, total=None):

@@ -12,7 +12,7 @@ from chunkmask.aggregation import (
     aggregate_loss,
     loss_normalizers,
 )
-from chunkmask.selection import Selection
+from chunkmask.batch._selection import Selection
 
 MODES = list(AGGREGATION_MODES)
 SEQ_MODES = [m for m in MODES if m.startswith("seq")]

@@ -14,7 +14,7 @@ from _reference.allocation import (
     neyman_continuous_reference,
     stratified_variance,
 )
-from chunkmask.allocation import (
+from chunkmask.pcm._allocation import (
     BudgetSuggestion,
     keep_probabilities,
     neyman_allocation,

@@ -37,43 +37,46 @@ from hypothesis import strategies as st
 from _fuzz import bad_values, check_finite_output
 from chunkmask import (
     NUM_PHASES,
-    GradientSketch,
     PhaseLabelling,
-    PhaseScoreBuffer,
     PhaseScoring,
     ProbabilisticChunkMasker,
     Selection,
-    SuccessBuffer,
-    advantage_aware_budgets,
+    gripper_close_fraction,
+    keep_probabilities,
+    label_gripper_phases,
+    plackett_luce_sample,
+    pps_sample,
+    shrink,
+    success_failure_variance,
+    unshrink,
+)
+from chunkmask.eval import (
+    GradientSketch,
     binomial_interval,
-    chunk_score_norm,
     equivalence_test,
     gradient_cosine,
-    gripper_close_fraction,
-    inclusion_probabilities,
-    keep_probabilities,
-    label_grasp_onset,
-    label_gripper_phases,
-    label_time_segments,
-    neyman_allocation,
-    neyman_allocation_continuous,
     paired_difference,
     pairs_for_halfwidth,
     phase_shares,
-    plackett_luce_sample,
+)
+from chunkmask.offpolicy import staleness, staleness_filter
+from chunkmask.pcm import (
+    PhaseScoreBuffer,
+    advantage_aware_budgets,
+    chunk_score_norm,
+    inclusion_probabilities,
+    label_grasp_onset,
+    label_time_segments,
+    neyman_allocation,
+    neyman_allocation_continuous,
     pps_inclusion,
-    pps_sample,
-    shrink,
-    staleness,
-    staleness_filter,
     stratified_sample,
-    success_failure_variance,
     suggest_budget,
     top_phase_sample,
     topk_sample,
     uniform_sample,
-    unshrink,
 )
+from chunkmask.selfbc import SuccessBuffer
 
 
 @pytest.fixture
@@ -581,7 +584,7 @@ def test_import_and_binomial_interval_work_without_scipy():
     code = (
         "import sys; sys.modules['scipy'] = None\n"
         "import chunkmask\n"
-        "from chunkmask import binomial_interval, paired_difference\n"
+        "from chunkmask.eval import binomial_interval, paired_difference\n"
         "assert 0 < binomial_interval(3, 10).low < 0.3 < binomial_interval(3, 10).high < 0.7\n"
         "try:\n"
         "    paired_difference([1.0, 2.0], [0.0, 0.5])\n"

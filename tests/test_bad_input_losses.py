@@ -127,7 +127,7 @@ CALLS = {
         ),
     ),
     "chunk_rewards": (
-        cm.chunk_rewards,
+        cm.advantages.chunk_rewards,
         lambda: dict(
             rewards=torch.rand(2, 3, 4), mask=torch.ones(2, 3, 4, dtype=torch.bool), gamma=0.9
         ),
@@ -147,7 +147,7 @@ CALLS = {
         ),
     ),
     "whiten_advantages": (
-        cm.whiten_advantages,
+        cm.advantages.whiten_advantages,
         lambda: dict(advantages=torch.randn(2, 4), mask=torch.ones(2, 4, dtype=torch.bool), eps=1e-8),
     ),
     "chunk_log_prob": (
@@ -302,7 +302,7 @@ def test_legal_variants_are_accepted():
 # ----------------------------------------------------------------------------- degenerate inputs
 
 
-@pytest.mark.parametrize("mode", cm.AGGREGATION_MODES)
+@pytest.mark.parametrize("mode", cm.aggregation.AGGREGATION_MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fully_masked_and_bf16_losses_are_finite(mode, dtype):
     kwargs = packed_policy_kwargs()
@@ -343,11 +343,11 @@ def test_advantages_of_degenerate_groups_have_zero_value_and_gradient(eps, scale
 @pytest.mark.parametrize("eps", [0.0, 1e-8])
 def test_whitening_constant_or_single_input_is_finite(eps):
     for x in (torch.ones(3), torch.tensor([2.0]), torch.zeros(0)):
-        out = cm.whiten_advantages(x, eps=eps)
+        out = cm.advantages.whiten_advantages(x, eps=eps)
         assert torch.isfinite(out).all()
         if x.numel():
             assert out.abs().max() == 0.0
-    out = cm.whiten_advantages(torch.tensor([1.0, 3.0]), eps=0.0)
+    out = cm.advantages.whiten_advantages(torch.tensor([1.0, 3.0]), eps=0.0)
     assert out.tolist() == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2)])
 
 
@@ -395,26 +395,26 @@ def entry():
     ],
 )
 def test_success_buffer_bad_input_is_named(call, arg):
-    buf = cm.SuccessBuffer(capacity=4)
+    buf = cm.selfbc.SuccessBuffer(capacity=4)
     buf.add(entry(), steps=5)
     with pytest.raises((ValueError, TypeError), match=f"`{re.escape(arg)}`"):
         call(buf)
     assert len(buf) == 1 and buf.info[0].steps == 5  # a refused call leaves the buffer as it was
 
 
-@pytest.mark.parametrize("policy", [cm.AdmitSuccessful(), cm.EvictSlowest(), cm.EvictOldest()])
+@pytest.mark.parametrize("policy", [cm.selfbc.AdmitSuccessful(), cm.selfbc.EvictSlowest(), cm.selfbc.EvictOldest()])
 @pytest.mark.parametrize(
     ("args", "arg"),
     [
         ((None, []), "candidate"),
-        ((cm.EntryInfo(True, 1, 0, 0), None), "entries"),
-        ((cm.EntryInfo(True, 1, 0, 0), [None]), "entries[0]"),
-        ((cm.EntryInfo("yes", 1, 0, 0), []), "candidate.success"),
-        ((cm.EntryInfo(True, 1.5, 0, 0), []), "candidate.steps"),
+        ((cm.selfbc.EntryInfo(True, 1, 0, 0), None), "entries"),
+        ((cm.selfbc.EntryInfo(True, 1, 0, 0), [None]), "entries[0]"),
+        ((cm.selfbc.EntryInfo("yes", 1, 0, 0), []), "candidate.success"),
+        ((cm.selfbc.EntryInfo(True, 1.5, 0, 0), []), "candidate.steps"),
     ],
 )
 def test_buffer_policies_name_bad_arguments(policy, args, arg):
-    extra = (4,) if isinstance(policy, cm.AdmitSuccessful) else ()
+    extra = (4,) if isinstance(policy, cm.selfbc.AdmitSuccessful) else ()
     with pytest.raises(TypeError, match=f"`{re.escape(arg)}`"):
         policy(*args, *extra)
 
@@ -422,16 +422,16 @@ def test_buffer_policies_name_bad_arguments(policy, args, arg):
 @pytest.mark.parametrize(
     ("rule", "state", "arg"),
     [
-        (cm.SuccessRateBCWeight(), {"average": NAN, "steps": 0}, "state['average']"),
-        (cm.SuccessRateBCWeight(), {"average": 1.5, "steps": 0}, "state['average']"),
-        (cm.SuccessRateBCWeight(), {"average": 0.5, "steps": -1}, "state['steps']"),
-        (cm.SuccessRateBCWeight(), {"average": 0.5, "steps": 1.5}, "state['steps']"),
-        (cm.LossBalanceBCWeight(), {"ppo_average": NAN, "bc_average": 1.0, "steps": 1},
+        (cm.selfbc.SuccessRateBCWeight(), {"average": NAN, "steps": 0}, "state['average']"),
+        (cm.selfbc.SuccessRateBCWeight(), {"average": 1.5, "steps": 0}, "state['average']"),
+        (cm.selfbc.SuccessRateBCWeight(), {"average": 0.5, "steps": -1}, "state['steps']"),
+        (cm.selfbc.SuccessRateBCWeight(), {"average": 0.5, "steps": 1.5}, "state['steps']"),
+        (cm.selfbc.LossBalanceBCWeight(), {"ppo_average": NAN, "bc_average": 1.0, "steps": 1},
          "state['ppo_average']"),
-        (cm.LossBalanceBCWeight(), {"ppo_average": 1.0, "bc_average": -1.0, "steps": 1},
+        (cm.selfbc.LossBalanceBCWeight(), {"ppo_average": 1.0, "bc_average": -1.0, "steps": 1},
          "state['bc_average']"),
-        (cm.SuccessRateBCWeight(), [], "state"),
-        (cm.ProductBCWeight(cm.ConstantBCWeight()), [], "state"),
+        (cm.selfbc.SuccessRateBCWeight(), [], "state"),
+        (cm.selfbc.ProductBCWeight(cm.selfbc.ConstantBCWeight()), [], "state"),
     ],
 )
 def test_bc_weight_state_loaders_reject_bad_values(rule, state, arg):

@@ -9,11 +9,11 @@ from _reference import ppo as ref
 from chunkmask import Clip
 from chunkmask.advantages import ChunkGAEOutput, chunk_gae, chunk_rewards, whiten_advantages
 from chunkmask.aggregation import aggregate_loss
+from chunkmask.batch._selection import Selection
+from chunkmask.batch._shrinking import shrink
 from chunkmask.log_probs import chunk_log_prob
 from chunkmask.losses import PolicyLossOutput, chunked_ppo_loss, clipped_surrogate, value_loss
-from chunkmask.masker import ProbabilisticChunkMasker
-from chunkmask.selection import Selection
-from chunkmask.shrinking import shrink
+from chunkmask.pcm._masker import ProbabilisticChunkMasker
 
 F64 = torch.float64
 

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chunkmask.rollout_downsampling import max_variance_downsample
-from chunkmask.token_selection import high_entropy_token_mask
+from chunkmask.baselines._rollout_downsampling import max_variance_downsample
+from chunkmask.baselines._token_selection import high_entropy_token_mask
 
 
 def variance(values):

@@ -12,9 +12,9 @@ from _reference import verl
 from _reference.inclusion import loss_kwargs
 from chunkmask import Behaviour, Clip
 from chunkmask.aggregation import AGGREGATION_MODES
+from chunkmask.batch._selection import Selection
 from chunkmask.losses import decoupled_ppo_loss, interpolate_proximal_logp, masked_grpo_loss
-from chunkmask.selection import Selection
-from chunkmask.staleness import StalenessGate, staleness, staleness_filter
+from chunkmask.offpolicy._staleness import StalenessGate, staleness, staleness_filter
 
 F64 = torch.float64
 MODES = list(AGGREGATION_MODES)

@@ -50,7 +50,7 @@ def test_testbed_arms_are_registered_selectors():
     from chunkmask.testbed import SELECTORS
 
     assert set(SELECTORS) <= set(chunkmask.available_selectors())
-    assert {"pods", "token_entropy"} <= set(SELECTORS) - set(chunkmask.GENERIC_SELECTORS)
+    assert {"pods", "token_entropy"} <= set(SELECTORS) - set(chunkmask.selectors.GENERIC_SELECTORS)
 
 
 def test_configs_share_the_optimisation_defaults():

@@ -1,4 +1,4 @@
-"""Tests for chunkmask.diagnostics: known answers on synthetic chunk gradients, loop references,
+"""Tests for chunkmask.eval: known answers on synthetic chunk gradients, loop references,
 jackknife calibration, the sketch's unbiased inner products, errors."""
 
 import math
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chunkmask.diagnostics import (
+from chunkmask.eval._diagnostics import (
     GradientSketch,
     gradient_cosine,
     phase_shares,

@@ -7,8 +7,8 @@ import torch.distributed as dist
 
 from _reference.scores import PhaseScoreBufferRef
 from _spawn import run_workers
-from chunkmask.score_buffer import PhaseScoreBuffer
-from chunkmask.scores import success_failure_variance
+from chunkmask.pcm._score_buffer import PhaseScoreBuffer
+from chunkmask.pcm._scores import success_failure_variance
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),

@@ -9,12 +9,12 @@ from _reference.inclusion import loss_kwargs, with_packed_inclusion
 from _spawn import run_workers
 from chunkmask import Clip
 from chunkmask.aggregation import AGGREGATION_MODES, loss_normalizers
-from chunkmask.inclusion import inclusion_probabilities
+from chunkmask.batch._selection import Selection
+from chunkmask.batch._shrinking import shrink
 from chunkmask.log_probs import chunk_log_prob
 from chunkmask.losses import bc_loss, chunked_ppo_loss, masked_grpo_loss, value_loss
-from chunkmask.sampling import plackett_luce_sample
-from chunkmask.selection import Selection
-from chunkmask.shrinking import shrink
+from chunkmask.pcm._inclusion import inclusion_probabilities
+from chunkmask.pcm._sampling import plackett_luce_sample
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),

@@ -1,4 +1,4 @@
-"""Tests for chunkmask.dynamic_sampling: a loop reference, the advantage link, errors."""
+"""Tests for chunkmask.baselines: a loop reference, the advantage link, errors."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunkmask.advantages import group_relative_advantages
-from chunkmask.dynamic_sampling import dynamic_sampling_mask
+from chunkmask.baselines._dynamic_sampling import dynamic_sampling_mask
 
 
 def reference(success, group, low, high, valid):

@@ -15,6 +15,7 @@ from _reference.inclusion import loss_kwargs, with_packed_inclusion
 from chunkmask import Clip, LossNormalizers, Regularizers
 from chunkmask.advantages import group_relative_advantages
 from chunkmask.aggregation import AGGREGATION_MODES, aggregate_loss
+from chunkmask.batch._selection import Selection
 from chunkmask.losses import (
     PolicyLossOutput,
     SurrogateOutput,
@@ -22,7 +23,6 @@ from chunkmask.losses import (
     clipped_surrogate,
     masked_grpo_loss,
 )
-from chunkmask.selection import Selection
 
 MODES = list(AGGREGATION_MODES)
 

@@ -3,7 +3,8 @@ import torch
 
 import chunkmask
 from _sync import SyncRecorder as _SyncRecorder
-from chunkmask import NUM_PHASES, Phase, PhaseLabelling, PhaseScoring, ProbabilisticChunkMasker
+from chunkmask import NUM_PHASES, PhaseLabelling, PhaseScoring, ProbabilisticChunkMasker
+from chunkmask.pcm import Phase
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -59,7 +60,7 @@ def test_select_respects_budget_padding_and_reports_consistent_diagnostics(devic
 def test_masker_is_exactly_the_composition_of_the_primitives():
     batch = rollouts(seed=3)
     masker = ProbabilisticChunkMasker(budget=4, seed=11, scoring=PhaseScoring(refresh_every=2))
-    buffer = chunkmask.PhaseScoreBuffer(NUM_PHASES, refresh_every=2, p_min=0.1)
+    buffer = chunkmask.pcm.PhaseScoreBuffer(NUM_PHASES, refresh_every=2, p_min=0.1)
     gen = torch.Generator().manual_seed(11)
     for step in range(4):
         batch = rollouts(seed=step)
@@ -114,7 +115,7 @@ def test_explicit_phases_custom_labeler_gripper_and_inclusion():
     masker = ProbabilisticChunkMasker(budget=4, num_phases=2, seed=0, inclusion=True)
     sel, info = run(masker, phases=phases, **batch)
     assert torch.equal(info.phases, phases)
-    pi = chunkmask.inclusion_probabilities(masker.weights(info.phases), 4, valid=batch["valid"])
+    pi = chunkmask.pcm.inclusion_probabilities(masker.weights(info.phases), 4, valid=batch["valid"])
     assert sel.inclusion.shape == (traj, 4) and sel.inclusion.dtype == torch.float64
     torch.testing.assert_close(pi.sum(1), sel.counts.to(torch.float64), atol=1e-6, rtol=0)
     torch.testing.assert_close(sel.packed_inclusion(), pi[sel.chunk_mask()])
@@ -371,7 +372,7 @@ def test_load_state_dict_rejects_bad_states():
 def test_cause_scoring_is_the_composition_with_the_onset_labeler():
     """labeler=onset, scored_phases=(approach, onset), min_groups, weighted window: exactly the
     primitives composed by hand (the phases after the first attempt fall to p_min)."""
-    from chunkmask import NUM_ONSET_PHASES, OnsetPhase, label_grasp_onset
+    from chunkmask.pcm import NUM_ONSET_PHASES, OnsetPhase, label_grasp_onset
 
     def labeler(gripper, valid):
         frac = chunkmask.gripper_close_fraction(gripper, valid, close="positive")
@@ -382,7 +383,7 @@ def test_cause_scoring_is_the_composition_with_the_onset_labeler():
         budget=4, num_phases=NUM_ONSET_PHASES, labelling=PhaseLabelling(labeler=labeler), seed=3,
         scoring=PhaseScoring(scored_phases=scored, refresh_every=2, window="weighted", min_groups=2),
     )
-    buffer = chunkmask.PhaseScoreBuffer(NUM_ONSET_PHASES, refresh_every=2, window="weighted",
+    buffer = chunkmask.pcm.PhaseScoreBuffer(NUM_ONSET_PHASES, refresh_every=2, window="weighted",
                                         min_groups=2)
     gen = torch.Generator().manual_seed(3)
     for step in range(4):

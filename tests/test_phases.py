@@ -10,7 +10,7 @@ from _reference.phases import (
     label_gripper_phases_ref,
     label_time_segments_ref,
 )
-from chunkmask.phases import (
+from chunkmask.pcm._phases import (
     NUM_ONSET_PHASES,
     NUM_PHASES,
     OnsetPhase,

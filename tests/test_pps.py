@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chunkmask import chunk_score_norm, masked_grpo_loss, pps_inclusion, pps_sample
+from chunkmask import masked_grpo_loss, pps_sample
+from chunkmask.pcm import chunk_score_norm, pps_inclusion
 
 
 def pps_inclusion_ref(sizes, total):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from chunkmask.profiling import (
+from chunkmask.eval._profiling import (
     CudaPeakMemory,
     FlopCount,
     SavedTensorCounter,

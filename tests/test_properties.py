@@ -19,31 +19,31 @@ from _reference.inclusion import loss_kwargs, with_packed_inclusion
 from chunkmask import Clip, Regularizers
 from chunkmask.advantages import group_relative_advantages
 from chunkmask.aggregation import AGGREGATION_MODES, aggregate_loss
-from chunkmask.allocation import (
+from chunkmask.batch._selection import Selection
+from chunkmask.batch._shrinking import shrink
+from chunkmask.losses import masked_grpo_loss
+from chunkmask.pcm._allocation import (
     keep_probabilities,
     neyman_allocation,
     neyman_allocation_continuous,
     suggest_budget,
 )
-from chunkmask.inclusion import inclusion_probabilities
-from chunkmask.losses import masked_grpo_loss
-from chunkmask.phases import (
+from chunkmask.pcm._inclusion import inclusion_probabilities
+from chunkmask.pcm._phases import (
     NUM_PHASES,
     gripper_close_fraction,
     label_gripper_phases,
     label_time_segments,
 )
-from chunkmask.sampling import (
+from chunkmask.pcm._sampling import (
     plackett_luce_sample,
     stratified_sample,
     top_phase_sample,
     topk_sample,
     uniform_sample,
 )
-from chunkmask.score_buffer import PhaseScoreBuffer
-from chunkmask.scores import success_failure_variance
-from chunkmask.selection import Selection
-from chunkmask.shrinking import shrink
+from chunkmask.pcm._score_buffer import PhaseScoreBuffer
+from chunkmask.pcm._scores import success_failure_variance
 
 F64 = torch.float64
 MODES = list(AGGREGATION_MODES)
@@ -318,7 +318,7 @@ def test_every_selector_is_distinct_padding_free_and_seed_deterministic(
 
 def test_selectors_are_equivariant_under_trajectory_permutation(monkeypatch):
     """With the same per-row noise, permuting trajectories permutes the selection."""
-    import chunkmask.sampling as sampling
+    import chunkmask.pcm._sampling as sampling
 
     g = torch.Generator().manual_seed(3)
     traj, n, k = 7, 10, 4

@@ -14,15 +14,15 @@ from _reference.sampling import (
     set_probabilities,
     topk_reference,
 )
-from chunkmask.inclusion import inclusion_probabilities
-from chunkmask.sampling import (
+from chunkmask.batch._selection import Selection
+from chunkmask.pcm._inclusion import inclusion_probabilities
+from chunkmask.pcm._sampling import (
     plackett_luce_sample,
     stratified_sample,
     top_phase_sample,
     topk_sample,
     uniform_sample,
 )
-from chunkmask.selection import Selection
 
 ALPHA = 1e-6
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

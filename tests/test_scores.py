@@ -5,10 +5,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _reference.scores import PhaseScoreBufferRef, success_failure_variance_ref
-from chunkmask.allocation import keep_probabilities
-from chunkmask.phases import NUM_PHASES
-from chunkmask.score_buffer import PhaseScoreBuffer
-from chunkmask.scores import PhaseVariance, success_failure_variance
+from chunkmask.pcm._allocation import keep_probabilities
+from chunkmask.pcm._phases import NUM_PHASES
+from chunkmask.pcm._score_buffer import PhaseScoreBuffer
+from chunkmask.pcm._scores import PhaseVariance, success_failure_variance
 
 # ---------------------------------------------------------------- batches
 

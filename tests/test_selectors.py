@@ -5,16 +5,15 @@ import torch
 
 import chunkmask
 from chunkmask import (
-    GENERIC_SELECTORS,
     ChunkBudget,
     ProbabilisticChunkMasker,
     SelectorInputs,
     available_selectors,
-    chunk_score_norm,
     get_selector,
     register_selector,
-    unregister_selector,
 )
+from chunkmask.pcm import chunk_score_norm
+from chunkmask.selectors import GENERIC_SELECTORS, unregister_selector
 
 BUDGET = 2
 LENGTHS = torch.tensor([5, 1, 3, 0, 2])  # variable length, one empty trajectory

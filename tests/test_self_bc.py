@@ -5,18 +5,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chunkmask.bc_weights import (
+from chunkmask.batch._selection import Selection
+from chunkmask.batch._shrinking import shrink
+from chunkmask.log_probs import chunk_log_prob
+from chunkmask.losses import bc_loss
+from chunkmask.selfbc._bc_weights import (
     BCWeight,
     ConstantBCWeight,
     LossBalanceBCWeight,
     ProductBCWeight,
     SuccessRateBCWeight,
 )
-from chunkmask.log_probs import chunk_log_prob
-from chunkmask.losses import bc_loss
-from chunkmask.selection import Selection
-from chunkmask.shrinking import shrink
-from chunkmask.success_buffer import (
+from chunkmask.selfbc._success_buffer import (
     AdmitSuccessful,
     EntryInfo,
     EvictOldest,

@@ -1,4 +1,4 @@
-"""Tests for chunkmask.stats: scipy references, coverage by simulation (fixed seeds), errors."""
+"""Tests for chunkmask.eval: scipy references, coverage by simulation (fixed seeds), errors."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from chunkmask.stats import (
+from chunkmask.eval._stats import (
     binomial_interval,
     equivalence_test,
     paired_difference,

@@ -55,7 +55,7 @@ from vla_policy import (  # noqa: E402
     lora_state_dict,
 )
 
-from chunkmask import (  # noqa: E402
+from chunkmask import (
     NUM_PHASES,
     ActionTokenizer,
     Clip,
@@ -65,13 +65,13 @@ from chunkmask import (  # noqa: E402
     Regularizers,
     Selection,
     SelectorInputs,
-    dynamic_sampling_mask,
     get_selector,
     group_relative_advantages,
     loss_normalizers,
     masked_grpo_loss,
     shrink,
 )
+from chunkmask.baselines import dynamic_sampling_mask
 
 
 @dataclasses.dataclass

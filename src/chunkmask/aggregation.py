@@ -34,7 +34,7 @@ from chunkmask._checks import (
     resolve_mask,
     values_checkable,
 )
-from chunkmask.selection import Selection
+from chunkmask.batch._selection import Selection
 
 __all__ = [
     "AGGREGATION_MODES",
@@ -372,7 +372,7 @@ def loss_normalizers(
 
     Examples:
         >>> import torch
-        >>> from chunkmask.selection import Selection
+        >>> from chunkmask.batch import Selection
         >>> sel = Selection.from_mask(torch.tensor([[True, False, True], [False, False, False]]))
         >>> norms = loss_normalizers(sel, torch.ones(2, 4, dtype=torch.bool))
         >>> norms.dp_size, int(norms.batch_num_tokens), int(norms.global_batch_size)

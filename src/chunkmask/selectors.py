@@ -29,12 +29,17 @@ import torch
 from jaxtyping import Bool, Float, Int64, Real
 from torch import Tensor
 
-from chunkmask.pps import pps_sample
-from chunkmask.sampling import plackett_luce_sample, top_phase_sample, topk_sample, uniform_sample
-from chunkmask.selection import Selection
+from chunkmask.batch._selection import Selection
+from chunkmask.pcm._pps import pps_sample
+from chunkmask.pcm._sampling import (
+    plackett_luce_sample,
+    top_phase_sample,
+    topk_sample,
+    uniform_sample,
+)
 
 if TYPE_CHECKING:
-    from chunkmask.masker import ProbabilisticChunkMasker
+    from chunkmask.pcm._masker import ProbabilisticChunkMasker
 
 
 class SelectorInputs(NamedTuple):

@@ -1,4 +1,4 @@
-"""Slow, obviously correct float64 oracles for `chunkmask.allocation` (Python loops, brute force)."""
+"""Slow, obviously correct float64 oracles for `chunkmask.pcm` (Python loops, brute force)."""
 
 import itertools
 

@@ -1,4 +1,4 @@
-"""Slow, obviously correct float64 loop versions of `chunkmask.phases` (test oracles)."""
+"""Slow, obviously correct float64 loop versions of `chunkmask.pcm` (test oracles)."""
 
 import math
 

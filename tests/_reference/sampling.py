@@ -1,4 +1,4 @@
-"""Slow, obviously correct float64 oracles for `chunkmask.sampling` (Python loops, enumeration)."""
+"""Slow, obviously correct float64 oracles for `chunkmask.pcm` (Python loops, enumeration)."""
 
 import itertools
 from collections import defaultdict

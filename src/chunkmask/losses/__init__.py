@@ -21,10 +21,10 @@ from chunkmask.losses.surrogate import SurrogateOutput, clipped_surrogate
 from chunkmask.losses.value import value_loss
 
 __all__ = [
-    "ESTIMATORS",
-    "KL_TYPES",
     "Behaviour",
     "Clip",
+    "ESTIMATORS",
+    "KL_TYPES",
     "PolicyLossOutput",
     "Regularizers",
     "SurrogateOutput",

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from chunkmask._checks import check_packed_rows, check_same_device, resolve_mask
 from chunkmask.aggregation import LossNormalizers, aggregate_loss
-from chunkmask.selection import Selection
+from chunkmask.batch._selection import Selection
 
 
 class Layout(NamedTuple):

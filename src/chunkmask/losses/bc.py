@@ -18,8 +18,8 @@ from chunkmask.aggregation import (
     check_norms,
     compute_dtype,
 )
+from chunkmask.batch._selection import Selection
 from chunkmask.losses._layout import resolve_layout
-from chunkmask.selection import Selection
 
 __all__ = ["bc_loss"]
 

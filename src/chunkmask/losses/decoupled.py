@@ -27,9 +27,9 @@ from chunkmask._checks import (
     values_checkable,
 )
 from chunkmask.aggregation import AggregationMode, LossNormalizers
+from chunkmask.batch._selection import Selection
 from chunkmask.losses.options import Behaviour, Clip, Regularizers
 from chunkmask.losses.policy import PolicyLossOutput, _policy_loss
-from chunkmask.selection import Selection
 
 __all__ = ["decoupled_ppo_loss", "interpolate_proximal_logp"]
 

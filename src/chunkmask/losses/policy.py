@@ -33,10 +33,10 @@ from chunkmask.aggregation import (
     check_norms,
     compute_dtype,
 )
+from chunkmask.batch._selection import Selection
 from chunkmask.losses._layout import Layout, resolve_layout
 from chunkmask.losses.options import Behaviour, Clip, Regularizers, check_spec
 from chunkmask.losses.surrogate import broadcast_advantages, kl_estimate, surrogate
-from chunkmask.selection import Selection
 
 __all__ = ["ESTIMATORS", "PolicyLossOutput", "chunked_ppo_loss", "masked_grpo_loss"]
 
@@ -354,7 +354,7 @@ def masked_grpo_loss(
 
     Examples:
         >>> import torch
-        >>> from chunkmask.selection import Selection
+        >>> from chunkmask.batch import Selection
         >>> sel = Selection.from_mask(torch.tensor([[True, False, True], [False, True, False]]))
         >>> logp = torch.zeros(3, 2, requires_grad=True)  # 3 packed chunks, 2 tokens each
         >>> adv = torch.tensor([1.0, 1.0, -2.0])

@@ -7,8 +7,8 @@ Plain Python, no Ray: the dataclass validates itself and resolves the mode-depen
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from chunkmask import OptimConfig
 from chunkmask._checks import check_bool, check_option, check_positive_int, check_range
+from chunkmask.optim_config import OptimConfig
 
 Mode = Literal["sync", "async-rollout", "full-async"]
 MODES: tuple[str, ...] = ("sync", "async-rollout", "full-async")
@@ -23,7 +23,7 @@ class PipelineConfig(OptimConfig):
     """Configuration of an `AsyncPipeline`.
 
     The optimisation fields (`temperature`, `lr`, `weight_decay`, `grad_clip`, `clip_low`,
-    `clip_high`; keyword-only) and the `clip` property come from `chunkmask.OptimConfig`, shared
+    `clip_high`; keyword-only) and the `clip` property come from `chunkmask.optim_config.OptimConfig`, shared
     with the testbed's `TrainConfig`.
 
     The unit of work is a *task*: one env worker runs `envs_per_worker` episodes in lockstep (a

@@ -38,7 +38,7 @@ import torch
 from ray.util.queue import Full, Queue
 from torch import nn
 
-from chunkmask import StalenessGate
+from chunkmask.offpolicy import StalenessGate
 from chunkmask.pipeline.actors import (
     EnvWorker,
     InferenceServer,

@@ -32,9 +32,8 @@ from chunkmask import (
     get_selector,
     group_relative_advantages,
     shrink,
-    staleness,
-    staleness_filter,
 )
+from chunkmask.offpolicy import staleness, staleness_filter
 from chunkmask.pipeline.config import PipelineConfig
 from chunkmask.pipeline.policy import ChunkPolicy
 

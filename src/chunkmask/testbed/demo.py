@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from chunkmask import suggest_budget
 from chunkmask._checks import check_positive_int, check_range
+from chunkmask.pcm import suggest_budget
 from chunkmask.testbed.env import PickPlaceConfig, PickPlaceVectorEnv, sample_initial_states
 from chunkmask.testbed.expert import collect_demonstrations
 from chunkmask.testbed.plots import (

@@ -4,7 +4,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from chunkmask import Phase
+from chunkmask.pcm import Phase
 
 PHASE_NAMES = [Phase(i).name.lower().replace("_", "-") for i in range(5)]
 COLORS = {  # the first key a run's name starts with picks its colour

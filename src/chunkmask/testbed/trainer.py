@@ -42,11 +42,8 @@ from jaxtyping import Int64
 from torch import Tensor
 
 from chunkmask import (
-    NUM_ONSET_PHASES,
     NUM_PHASES,
     ChunkBudget,
-    OnsetPhase,
-    OptimConfig,
     PhaseLabelling,
     PhaseScoring,
     PhaseUpdate,
@@ -54,22 +51,29 @@ from chunkmask import (
     Regularizers,
     Selection,
     SelectorInputs,
-    advantage_aware_budgets,
     available_selectors,
-    chunk_score_norm,
-    dynamic_sampling_mask,
     get_selector,
-    gradient_cosine,
     gripper_close_fraction,
     group_relative_advantages,
-    high_entropy_token_mask,
-    label_grasp_onset,
     masked_grpo_loss,
-    max_variance_downsample,
     register_selector,
     shrink,
 )
 from chunkmask._checks import check_bool, check_option, check_positive_int, check_range
+from chunkmask.baselines import (
+    dynamic_sampling_mask,
+    high_entropy_token_mask,
+    max_variance_downsample,
+)
+from chunkmask.eval import gradient_cosine
+from chunkmask.optim_config import OptimConfig
+from chunkmask.pcm import (
+    NUM_ONSET_PHASES,
+    OnsetPhase,
+    advantage_aware_budgets,
+    chunk_score_norm,
+    label_grasp_onset,
+)
 from chunkmask.testbed.env import InitialState, PickPlaceConfig, PickPlaceVectorEnv
 from chunkmask.testbed.env import sample_initial_states as _sample_states
 from chunkmask.testbed.policy import TokenChunkPolicy
@@ -88,7 +92,7 @@ class TrainConfig(OptimConfig):
     """Hyper-parameters of a GRPO run on the testbed (defaults follow App. E where they apply).
 
     The optimisation fields (`temperature`, `lr`, `weight_decay`, `grad_clip`, `clip_low`,
-    `clip_high`; keyword-only) and the `clip` property come from `chunkmask.OptimConfig`, shared
+    `clip_high`; keyword-only) and the `clip` property come from `chunkmask.optim_config.OptimConfig`, shared
     with the pipeline's `PipelineConfig`.
 
     Attributes:
@@ -134,7 +138,7 @@ class TrainConfig(OptimConfig):
         score_window: the score buffer's window mean, `"steps"` (Eq. 7) or `"weighted"` by
             groups.
         min_groups: the fewest groups in a refresh window that must define a phase's score.
-        probe_every: every this many steps (0: never), the online probe of `chunkmask.diagnostics`:
+        probe_every: every this many steps (0: never), the online probe of `chunkmask.eval`:
             one extra full backward on the first mini-batch gives the cosine between the masked
             and the full GRPO gradient at the same parameters (`probe_cosine` in the log; its
             time is excluded from `update_s`).

@@ -40,7 +40,7 @@ def _scipy_stats() -> Any:
         from scipy import stats
     except ImportError as exc:  # pragma: no cover - exercised with scipy hidden
         raise ImportError(
-            "chunkmask.stats needs SciPy for Student-t quantiles: `pip install scipy` (or "
+            "chunkmask.eval needs SciPy for Student-t quantiles: `pip install scipy` (or "
             "`pip install chunkmask[stats]`)."
         ) from exc
     return stats

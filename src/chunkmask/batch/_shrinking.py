@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from chunkmask._checks import check_positive_int
-from chunkmask.selection import Selection
+from chunkmask.batch._selection import Selection
 
 
 def _map_tree(fn: Callable[[Tensor, str], Any], tree: Any, path: str) -> Any:

@@ -27,7 +27,7 @@ from chunkmask._checks import (
     check_tensor,
     resolve_mask,
 )
-from chunkmask.allocation import keep_probabilities
+from chunkmask.pcm._allocation import keep_probabilities
 
 __all__ = ["PhaseScoreBuffer"]
 
@@ -57,7 +57,7 @@ class PhaseScoreBuffer:
 
     where $\mathcal{S}_c$ are the buffered steps at which phase $c$ was defined and $\gamma$ is
     `power` (1 in the paper). See Eq. (7), (8) and (9) of Anonymous et al. (2026), Probabilistic
-    Chunk Masking, arXiv 2605.16154; Eq. 8-9 are `chunkmask.allocation.keep_probabilities`.
+    Chunk Masking, arXiv 2605.16154; Eq. 8-9 are `chunkmask.pcm.keep_probabilities`.
 
     Thinly defined phases. Eq. 7 gives a phase seen in one group of one step the weight of a phase
     seen in every group of every step, so one noisy score can take $p_c = 1$ and rescale all the

@@ -1,11 +1,11 @@
 """Chunk selectors: Plackett-Luce, stratified and the ablation baselines.
 
-Every selector returns a `chunkmask.selection.Selection` of fixed width `k` (its slot count): the
+Every selector returns a `chunkmask.batch.Selection` of fixed width `k` (its slot count): the
 selected chunk indices of each trajectory in ascending order, a prefix mask, the number of valid
 chunks and the padded length, and, where the selector knows them, the inclusion probabilities
 of the selected chunks (`Selection.inclusion`, read by `Selection.packed_inclusion()`). The
 uniform, stratified and top-phase designs have closed-form probabilities and always carry them;
-Plackett-Luce's are computed by `chunkmask.inclusion.inclusion_probabilities` (quadrature, with a
+Plackett-Luce's are computed by `chunkmask.pcm.inclusion_probabilities` (quadrature, with a
 host sync) only when asked, `plackett_luce_sample(..., inclusion=True)`; the deterministic
 `topk_sample` carries none. See Anonymous et al. (2026), Probabilistic Chunk Masking,
 arXiv 2605.16154.
@@ -25,8 +25,8 @@ from chunkmask._checks import (
     check_tensor,
     resolve_valid,
 )
-from chunkmask.inclusion import inclusion_probabilities
-from chunkmask.selection import Selection
+from chunkmask.batch._selection import Selection
+from chunkmask.pcm._inclusion import inclusion_probabilities
 
 __all__ = [
     "plackett_luce_sample",
@@ -237,7 +237,7 @@ def stratified_sample(
 
     For each trajectory $i$ and phase $c$, draw $\min(b_{i,c}, N_{i,c})$ of the $N_{i,c}$ valid
     chunks of phase $c$ uniformly without replacement. This is the stratified estimator that
-    Theorem 1 analyses; with $b_c$ from `chunkmask.allocation.neyman_allocation` it is the
+    Theorem 1 analyses; with $b_c$ from `chunkmask.pcm.neyman_allocation` it is the
     Neyman-optimal design of Eq. (6) of Anonymous et al. (2026), Probabilistic Chunk Masking,
     arXiv 2605.16154. Inclusion probabilities are $\pi_t = \min(b_c, N_c) / N_c$; the
     returned Selection carries them (`Selection.inclusion`).

@@ -29,7 +29,7 @@ from chunkmask._checks import (
     resolve_mask,
     resolve_valid,
 )
-from chunkmask.selection import Selection
+from chunkmask.batch._selection import Selection
 
 __all__ = ["chunk_score_norm", "pps_inclusion", "pps_sample"]
 

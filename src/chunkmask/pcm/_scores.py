@@ -1,7 +1,7 @@
 """Per-phase success-failure action variance (Eq. 5), the score of the online buffer.
 
 `success_failure_variance` measures, per phase, how far the mean action of successful rollouts
-lies from that of failed rollouts of the same group (Eq. 5); `chunkmask.score_buffer` averages
+lies from that of failed rollouts of the same group (Eq. 5); `chunkmask.pcm` averages
 these batch scores online. See Anonymous et al. (2026), Probabilistic Chunk Masking,
 arXiv 2605.16154.
 """

@@ -25,12 +25,12 @@ from chunkmask._checks import (
     check_tensor,
     resolve_valid,
 )
-from chunkmask.allocation import advantage_aware_budgets
-from chunkmask.phases import NUM_PHASES, Phase, gripper_close_fraction, label_gripper_phases
-from chunkmask.sampling import plackett_luce_sample
-from chunkmask.score_buffer import PhaseScoreBuffer
-from chunkmask.scores import _success_failure_variance
-from chunkmask.selection import Selection
+from chunkmask.batch._selection import Selection
+from chunkmask.pcm._allocation import advantage_aware_budgets
+from chunkmask.pcm._phases import NUM_PHASES, Phase, gripper_close_fraction, label_gripper_phases
+from chunkmask.pcm._sampling import plackett_luce_sample
+from chunkmask.pcm._score_buffer import PhaseScoreBuffer
+from chunkmask.pcm._scores import _success_failure_variance
 
 
 @dataclasses.dataclass(frozen=True)
