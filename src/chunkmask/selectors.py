@@ -23,7 +23,7 @@ with `register_selector`.
 """
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int64, Real
@@ -141,7 +141,7 @@ def get_selector(name: str) -> Selector:
         ) from None
 
 
-def _need(inputs: SelectorInputs, field: str, selector: str) -> Tensor:
+def _need(inputs: SelectorInputs, field: str, selector: str) -> Any:
     value = getattr(inputs, field)
     if value is None:
         raise ValueError(f"`{field}` must be given for selector {selector!r}, got None.")
