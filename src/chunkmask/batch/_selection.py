@@ -313,6 +313,45 @@ class Selection(NamedTuple):
             slots = torch.gather(inclusion, 1, self.indices)
         return self._replace(inclusion=torch.where(self.mask, slots, 1.0))
 
+    def with_packed_inclusion(
+        self, packed: "Float[Tensor, ' packed'] | None"
+    ) -> "Selection":
+        r"""This selection carrying inclusion probabilities given in packed `(M,)` order.
+
+        The inverse of `packed_inclusion`: item $m$ of `packed` becomes $\pi$ of the $m$-th
+        selected slot (row-major, as `shrink` packs), 1.0 at flagged slots; None drops them. Use
+        it when the probabilities travel with packed rows (a trainer that stores one row per
+        chunk). No host sync: the scatter has static shapes.
+
+        Args:
+            packed: `(M,)` floating-point probabilities, `M = selection.num_selected()`, or None.
+
+        Returns:
+            A `Selection` with the same slots and `inclusion` filled (or None).
+
+        Raises:
+            TypeError: if `packed` is not a floating-point tensor.
+            ValueError: if it is not 1-D, lies on another device, or (on the CPU) its length is
+                not the number of selected chunks.
+
+        Examples:
+            >>> import torch
+            >>> sel = Selection.from_mask(torch.tensor([[True, False, True], [False, True, False]]))
+            >>> sel.with_packed_inclusion(torch.tensor([0.5, 0.25, 0.4])).inclusion.tolist()
+            [[0.5, 0.25, 1.0], [0.4000000059604645, 1.0, 1.0]]
+        """
+        if packed is None:
+            return self._replace(inclusion=None)
+        check_tensor(packed, "packed", ndim=1, dtypes="float")
+        check_same_device(packed, "packed", self.indices, "selection.indices")
+        if packed.device.type == "cpu" and packed.shape[0] != self.num_selected():
+            raise ValueError(
+                f"`packed` must hold one probability per selected chunk ({self.num_selected()}), "
+                f"got shape {tuple(packed.shape)}."
+            )
+        slots = torch.ones(self.mask.shape, dtype=packed.dtype, device=packed.device)
+        return self._replace(inclusion=slots.masked_scatter(self.mask, packed))
+
     def packed_inclusion(self, size: int | None = None) -> Float[Tensor, " packed"] | None:
         """Inclusion probability of each packed item, `(M,)`, in the packed order of `shrink`.
 
