@@ -20,8 +20,12 @@ def test_import_chunkmask_loads_no_integration():
 
 @pytest.mark.skipif(importlib.util.find_spec("verl") is not None, reason="verl is installed")
 def test_verl_integration_without_verl_names_the_package():
-    with pytest.raises(ImportError, match="needs `verl` from the `verl` package"):
-        import chunkmask.integrations.verl  # noqa: F401
+    from chunkmask.integrations import verl
+
+    with pytest.raises(ImportError, match="needs `verl.trainer.ppo.core_algos` from the `verl`"):
+        verl.register()
+    with pytest.raises(ImportError, match="from the `verl` package"):
+        verl.check_registered()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("rlinf") is not None, reason="rlinf is installed")
