@@ -65,13 +65,19 @@ def test_inclusion_rows_tensor_totals_and_valid():
     assert pps_inclusion(torch.zeros(2, 0), 3).shape == (2, 0)
 
 
-def draw(sizes, budget, *, scope="batch", generator=None):
-    """`pps_sample` and the dense `(traj, chunk)` pi of its design; checks the Selection's pi."""
-    sel = pps_sample(sizes, budget, scope=scope, generator=generator)
+def draw(sizes, budget, *, scope="batch", valid=None, generator=None):
+    """`pps_sample` and the dense `(traj, chunk)` pi of its design; checks the Selection's pi.
+
+    The batch design's total is B times the rows holding a valid chunk of positive size.
+    """
+    sel = pps_sample(sizes, budget, scope=scope, valid=valid, generator=generator)
+    valid = torch.ones_like(sizes, dtype=torch.bool) if valid is None else valid
     if scope == "batch":
-        pi = pps_inclusion(sizes.reshape(1, -1), budget * sizes.shape[0]).reshape(sizes.shape)
+        drawable = sum(bool(((sizes[i] > 0) & valid[i]).any()) for i in range(sizes.shape[0]))
+        pi = pps_inclusion(sizes.reshape(1, -1), budget * drawable, valid.reshape(1, -1))
+        pi = pi.reshape(sizes.shape)
     else:
-        pi = pps_inclusion(sizes, budget)
+        pi = pps_inclusion(sizes, budget, valid)
     assert sel.inclusion is not None and sel.inclusion.dtype == torch.float64
     torch.testing.assert_close(sel.packed_inclusion(), pi[sel.chunk_mask()])
     assert (sel.inclusion[~sel.mask] == 1).all()
@@ -126,6 +132,23 @@ def test_trajectory_scope_budgets_and_zero_rows():
     assert sel.counts.tolist() == [3, 0, 4]
     assert sel.num_chunks.tolist() == [4, 4, 4]
     assert pi[1].abs().sum() == 0 and pi[2].tolist() == [1.0] * 4
+
+
+def test_batch_scope_total_counts_only_trajectories_that_can_be_drawn():
+    # rows 1 (advantage 0: size 0) and 3 (no valid chunk, e.g. dropped by dynamic sampling)
+    # must not add to the batch total K = B x drawable rows
+    sizes = torch.tensor([[1.0, 2.0, 3.0, 4.0, 1.0, 1.0], [0.0] * 6, [1.0] * 6, [5.0] * 6])
+    valid = torch.ones(4, 6, dtype=torch.bool)
+    valid[3] = False
+    for budget in (1, 2, 3):
+        totals = []
+        g = torch.Generator().manual_seed(budget)
+        for _ in range(50):
+            sel, pi = draw(sizes, budget, valid=valid, generator=g)
+            totals.append(int(sel.counts.sum()))
+            assert float(pi.sum()) == pytest.approx(2 * budget)  # 2 drawable rows
+            assert int(sel.counts[1]) == 0 and int(sel.counts[3]) == 0
+        assert set(totals) <= {2 * budget}  # systematic PPS: the total is floor/ceil of 2B
 
 
 def test_loss_with_pps_inclusion_runs_and_equals_full_when_everything_is_drawn():

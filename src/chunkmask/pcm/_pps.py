@@ -129,8 +129,11 @@ def pps_sample(
     r"""Draw chunks with probability proportional to `sizes`; the Selection carries their $\pi$.
 
     With `scope="batch"` the whole batch shares one expected total of `budget` chunks per
-    trajectory, $K = B \cdot \text{traj}$ (the Neyman allocation across trajectories as well as
-    within them: a trajectory with larger sizes gets more chunks, one with size 0 none); with
+    trajectory that can be drawn, $K = B \cdot |\{i : s_{i,t} > 0 \text{ for a valid } t\}|$
+    (the Neyman allocation across trajectories as well as within them: a trajectory with larger
+    sizes gets more chunks, one with size 0 none). Rows with no valid chunk of positive size
+    (padding rows, the zero-advantage groups that dynamic sampling drops) add nothing to $K$, so
+    the update costs what `budget` per trajectory reaching it costs; with
     `scope="trajectory"` each row draws its own `budget` (an int or a `(traj,)` integer tensor).
     The draw is systematic PPS: each chunk is drawn with probability exactly $\pi_t$
     (`pps_inclusion`), and the number drawn per scope is $\lfloor\sum\pi\rfloor$ or
@@ -180,7 +183,8 @@ def pps_sample(
         if isinstance(budget, Tensor):
             raise TypeError("`budget` must be an int with scope='batch', got a tensor.")
         budget = check_positive_int(budget, "budget")
-        pi = pps_inclusion(sizes.reshape(1, -1), budget * n_traj, valid.reshape(1, -1))
+        drawable = (valid & (sizes > 0)).any(1).sum()  # a tensor: no host sync
+        pi = pps_inclusion(sizes.reshape(1, -1), (budget * drawable).reshape(1), valid.reshape(1, -1))
         pi = pi.reshape(n_traj, n_chunk)
     else:
         if isinstance(budget, Tensor):
