@@ -17,6 +17,7 @@ The generic selectors below are built from public chunkmask functions only:
 | `"top_phase"` | `budget` chunks from the highest-`V_c` phase (`top_phase_sample`) | `phases`, `scores` |
 | `"entropy_topk"` | the `budget` chunks of highest entropy (`topk_sample`) | `entropy` |
 | `"pps"` | probability proportional to `|A_i|` x `score_norms` (`pps_sample`) | `advantages`, `score_norms` |
+| `"neyman"` | `budget` chunks per trajectory split over phases by `neyman_allocation` (`sigma_c = sqrt(V_c)`, at least one per non-empty phase), uniform inside each phase (`stratified_sample`; exact inclusion) | `phases`, `scores` |
 
 Trainers may register their own arms (the testbed registers `"pods"` and `"token_entropy"`)
 with `register_selector`.
@@ -30,9 +31,11 @@ from jaxtyping import Bool, Float, Int64, Real
 from torch import Tensor
 
 from chunkmask.batch._selection import Selection
+from chunkmask.pcm._allocation import neyman_allocation
 from chunkmask.pcm._pps import pps_sample
 from chunkmask.pcm._sampling import (
     plackett_luce_sample,
+    stratified_sample,
     top_phase_sample,
     topk_sample,
     uniform_sample,
@@ -203,6 +206,42 @@ def pps_selector(inputs: SelectorInputs) -> Selection:
     return pps_sample(sizes, inputs.budget, valid=inputs.valid, generator=inputs.generator)
 
 
+@register_selector("neyman")
+def neyman_selector(inputs: SelectorInputs) -> Selection:
+    r"""`budget` chunks per trajectory by the Neyman allocation over phases (Eq. 6, Theorem 1).
+
+    Trajectory $i$'s budget $B$ is split over its phases by `neyman_allocation` with phase
+    sizes $N_{i,c}$ (its valid chunks in phase $c$) and $\sigma_c = \sqrt{V_c}$ (the phase
+    scores, Eq. 5), then drawn uniformly without replacement inside each phase
+    (`stratified_sample`). Every non-empty phase gets at least one chunk when the trajectory has
+    no more non-empty phases than $B$, so every valid chunk has a positive inclusion probability
+    $\pi = n_{i,c} / N_{i,c}$ (carried by the Selection) and the Horvitz-Thompson loss is
+    unbiased; with more non-empty phases than $B$ the floor is dropped for that trajectory.
+    Before any phase has a positive score the split is proportional to the phase sizes.
+    Synchronises with the host (through `stratified_sample`).
+    """
+    phases = _need(inputs, "phases", "neyman")
+    scores = _need(inputs, "scores", "neyman")
+    valid = inputs.valid & (phases >= 0)
+    num_phases = scores.shape[0]
+    one_hot = torch.nn.functional.one_hot(phases.clamp(0, num_phases - 1), num_phases)
+    sizes = (one_hot * valid[..., None]).sum(1)  # (traj, phase)
+    nonempty = sizes > 0
+    floor_fits = nonempty.sum(1, keepdim=True) <= inputs.budget
+    lower = (nonempty & floor_fits).to(torch.int64)
+    stds = scores.to(torch.float64).clamp_min(0.0).sqrt()
+    if not bool((stds > 0).any()):  # no phase scored yet: proportional allocation
+        stds = torch.ones_like(stds)
+    stds = stds.expand_as(sizes)
+    allocation = neyman_allocation(inputs.budget, sizes, stds.contiguous(), lower=lower)
+    if not bool(allocation.any()):  # no valid chunk anywhere (e.g. every group dropped)
+        empty = Selection.from_mask(valid)
+        return empty.with_inclusion(torch.ones(valid.shape, dtype=torch.float64))
+    return stratified_sample(
+        torch.where(valid, phases, -1), allocation, valid=valid, generator=inputs.generator
+    )
+
+
 GENERIC_SELECTORS: tuple[str, ...] = available_selectors()
 """The selectors the core registers: `("full", "pcm", "random", "top_phase", "entropy_topk",
-"pps")`."""
+"pps", "neyman")`."""
