@@ -4,11 +4,14 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy import stats as sps
 
 from chunkmask.eval._stats import (
     binomial_interval,
     equivalence_test,
+    holm_adjust,
     paired_difference,
     pairs_for_halfwidth,
 )
@@ -120,8 +123,57 @@ def test_wilson_coverage_near_the_boundary():
         (lambda: binomial_interval(1, 0), ValueError, r"`trials` must be > 0"),
         (lambda: binomial_interval(1.0, 4), TypeError, r"`successes` must be an int"),
         (lambda: binomial_interval(1, 4, confidence=1.0), ValueError, r"`confidence` must lie"),
+        (lambda: holm_adjust([]), ValueError, r"`p_values` must hold at least one p-value, got an empty"),
+        (lambda: holm_adjust([0.1, 1.5]), ValueError, r"`p_values\[1\]` must lie in \[0(\.0)?, 1"),
+        (lambda: holm_adjust(0.1), TypeError, r"`p_values` must be a sequence"),
     ],
 )
 def test_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def _holm_step_down(p_values, alpha):
+    """Holm's procedure as written in 1979: reject sorted hypotheses while p_(k) <= alpha/(m-k+1)."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    rejected = set()
+    for k, i in enumerate(order):
+        if p_values[i] > alpha / (m - k):
+            break
+        rejected.add(i)
+    return rejected
+
+
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12), st.floats(0.001, 0.5))
+def test_holm_adjusted_values_reproduce_the_step_down_procedure(p_values, alpha):
+    adjusted = holm_adjust(p_values)
+    assert len(adjusted) == len(p_values)
+    assert all(a >= p - 1e-15 and a <= 1.0 for a, p in zip(adjusted, p_values, strict=True))
+    # adjusted values are monotone in the raw ones
+    for a, pa in zip(adjusted, p_values, strict=True):
+        for b, pb in zip(adjusted, p_values, strict=True):
+            if pa < pb:
+                assert a <= b
+    # rejecting adjusted <= alpha is the step-down procedure (ties at the boundary aside)
+    if all(abs(p * (len(p_values) - k) - alpha) > 1e-12 for p in p_values for k in range(len(p_values))):
+        assert {i for i, a in enumerate(adjusted) if a <= alpha} == _holm_step_down(p_values, alpha)
+
+
+def test_holm_known_values_and_single_test():
+    assert holm_adjust([0.01, 0.04, 0.03, 0.20]) == pytest.approx([0.04, 0.09, 0.09, 0.20])
+    assert holm_adjust([0.3]) == [0.3]
+    assert holm_adjust([0.5, 0.5]) == [1.0, 1.0]
+
+
+def test_holm_controls_the_family_wise_error_rate():
+    rng = np.random.default_rng(5)
+    reps, m = 4000, 8
+    # correlated null p-values (a shared baseline): p = Phi(z) with z = (u + v_i) / sqrt(2)
+    z = (rng.standard_normal((reps, 1)) + rng.standard_normal((reps, m))) / np.sqrt(2)
+    pv = 0.5 * (1 + np.vectorize(math.erf)(z / np.sqrt(2)))
+    any_reject = np.mean([min(holm_adjust(row.tolist())) < 0.05 for row in pv])
+    assert any_reject <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / reps)
+    # and the unadjusted family would not control it
+    raw = np.mean((pv < 0.05).any(1))
+    assert raw > 0.15

@@ -22,6 +22,7 @@ from chunkmask.eval._stats import (
     PairedDifference,
     binomial_interval,
     equivalence_test,
+    holm_adjust,
     paired_difference,
     pairs_for_halfwidth,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "count_flops",
     "equivalence_test",
     "gradient_cosine",
+    "holm_adjust",
     "paired_difference",
     "pairs_for_halfwidth",
     "phase_shares",

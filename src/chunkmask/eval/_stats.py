@@ -8,7 +8,9 @@ states per pair), a confidence interval on the difference, and a sample size cho
 - `equivalence_test`: two one-sided tests (TOST, Schuirmann 1987) against a margin, e.g. ±5
   success points;
 - `pairs_for_halfwidth`: how many pairs give a CI of a given half-width at a given spread;
-- `binomial_interval`: the Wilson score interval of a success rate from evaluation episodes.
+- `binomial_interval`: the Wilson score interval of a success rate from evaluation episodes;
+- `holm_adjust`: Holm's step-down adjustment of a family of p-values (many arms against one
+  baseline).
 
 These are plain functions on Python numbers (sequences of floats), meant for reports, not for the
 training step. The Student-t quantiles and tail probabilities come from SciPy, an optional
@@ -29,6 +31,7 @@ __all__ = [
     "PairedDifference",
     "binomial_interval",
     "equivalence_test",
+    "holm_adjust",
     "pairs_for_halfwidth",
     "paired_difference",
 ]
@@ -310,3 +313,41 @@ def binomial_interval(successes: int, trials: int, *, confidence: float = 0.95) 
     low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact bounds at the boundary
     high = 1.0 if successes == trials else min(1.0, centre + half)
     return BinomialInterval(p, low, high, trials, confidence)
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    r"""Holm's step-down adjusted p-values for a family of tests (Holm 1979).
+
+    With the $m$ p-values sorted ascending, $p_{(1)} \le \dots \le p_{(m)}$, the adjusted
+    value of the $k$-th is $\tilde p_{(k)} = \min\bigl(1, \max_{j \le k} (m - j + 1)\,
+    p_{(j)}\bigr)$, returned in the input order. Rejecting every test with
+    $\tilde p < \alpha$ controls the family-wise error rate at $\alpha$ under any dependence
+    between the tests (as between many arms compared with one shared baseline).
+
+    Args:
+        p_values: the family's p-values, each in `[0, 1]`.
+
+    Returns:
+        The adjusted p-values, in the order given.
+
+    Raises:
+        TypeError: if `p_values` is not a sequence of real numbers.
+        ValueError: if it is empty or a value lies outside `[0, 1]`.
+
+    Example:
+        >>> [round(p, 3) for p in holm_adjust([0.01, 0.04, 0.03, 0.20])]
+        [0.04, 0.09, 0.09, 0.2]
+    """
+    values = _values(p_values, "p_values")
+    if not values:
+        raise ValueError("`p_values` must hold at least one p-value, got an empty sequence.")
+    for i, p in enumerate(values):
+        check_probability(p, f"p_values[{i}]", low_open=False)
+    m = len(values)
+    order = sorted(range(m), key=lambda i: values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * values[i]))
+        adjusted[i] = running
+    return adjusted
