@@ -78,6 +78,7 @@ def test_sft_reduces_loss():
         ("entropy_topk", 1),
         ("pods", 1),
         ("token_entropy", 1),
+        ("neyman", 1),
     ],
 )
 def test_rl_steps_run_with_finite_losses(selector, steps, tmp_path):
@@ -138,6 +139,38 @@ def test_resume_continues_steps(tmp_path):
         masker_state=first.masker_state,
     )
     assert [r["step"] for r in second.records] == [1]
+
+
+@pytest.mark.parametrize(
+    ("selector", "estimator"), [("pcm", "masked"), ("neyman", "horvitz_thompson"), ("full", "masked")]
+)
+def test_a_run_in_one_step_segments_equals_one_run(selector, estimator):
+    """What the interleaved study relies on: resuming step by step changes nothing."""
+    kw = dict(steps=3, refresh_every=1, estimator=estimator, eval_every=10)
+    whole = _policy()
+    one = train(whole, _cfg(selector, **kw), env_config=ENV).records
+    parts, records, opt, masker = _policy(), [], None, None
+    for step in range(3):
+        res = train(parts, _cfg(selector, **{**kw, "steps": step + 1}), env_config=ENV,
+                    start_step=step, optimizer_state=opt, masker_state=masker)
+        records += res.records
+        opt, masker = res.optimizer_state, res.masker_state
+    for a, b in zip(whole.state_dict().values(), parts.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for ra, rb in zip(one, records, strict=True):
+        for key in ("loss", "chunks_updated", "V_c", "selected_per_phase"):
+            assert ra[key] == rb[key], key
+    if selector == "pcm":  # the draws continue the carried generator, not a fresh one
+        fresh = train(_policy(), _cfg(selector, **{**kw, "steps": 1}), env_config=ENV)
+        assert not torch.equal(fresh.masker_state["generator"], masker["generator"])
+
+
+def test_neyman_arm_selects_budget_chunks_with_exact_inclusion():
+    records = train(
+        _policy(), _cfg("neyman", steps=1, estimator="horvitz_thompson"), env_config=ENV
+    ).records
+    assert math.isfinite(records[0]["loss"])
+    assert 0 < records[0]["chunks_updated"] <= 2 * 6  # B = 2 of each of 6 trajectories
 
 
 def test_horvitz_thompson_estimator_runs():
@@ -219,6 +252,8 @@ def test_train_config_bad_field_names_it(field, value, error, match):
         ("sft_smoothing", -1.0, ValueError, r"`sft_smoothing` must lie in \[0.0, inf\), got -1.0"),
         ("threshold_frac", 0.0, ValueError, r"`threshold_frac` must lie in \(0.0, 1.0\], got 0.0"),
         ("train", {"steps": 2}, TypeError, r"`train` must be a TrainConfig, got dict"),
+        ("num_objects", 0, ValueError, r"`num_objects` must be > 0, got 0"),
+        ("distraction", 1.5, ValueError, r"`distraction` must lie in \[0.0, 1.0\], got 1.5"),
     ],
 )
 def test_demo_config_bad_field_names_it(field, value, error, match):
@@ -246,6 +281,8 @@ def test_sft_expert_and_policy_bad_arguments_name_them():
         collect_demonstrations(1, noise=-0.2, config=ENV)
     with pytest.raises(ValueError, match="`num_episodes` must be > 0, got 0"):
         collect_demonstrations(0, config=ENV)
+    with pytest.raises(ValueError, match=r"`distraction` must lie in \[0.0, 1.0\], got -0.5"):
+        collect_demonstrations(1, config=ENV, distraction=-0.5)
     with pytest.raises(ValueError, match=r"`grip_flip` must lie in \[0.0, 1.0\], got 2.0"):
         ScriptedExpert(1, ENV, grip_flip=2.0)
     with pytest.raises(ValueError, match="`num_envs` must be > 0, got 0"):
@@ -457,3 +494,19 @@ def test_pps_selector_is_unbiased_and_equals_full_grpo_when_it_draws_everything(
     rec = train(_policy(), _cfg("pps", budget=1, estimator="horvitz_thompson", **kw),
                 env_config=ENV).records
     assert all(r["chunks_updated"] == 6 for r in rec)  # exactly K = 1 x 6
+
+
+def test_distracted_demonstrations_put_the_wrong_object_in_the_bin():
+    """With distraction 1 every episode places the other object: no episode succeeds, yet the
+    demonstrator's own object ends in the bin, so the episodes count as demonstrations."""
+    cfg = PickPlaceConfig(num_objects=2)
+    clean = collect_demonstrations(16, config=cfg, seed=4, noise=0.0)
+    assert float(clean.success.float().mean()) == 1.0
+    wrong = collect_demonstrations(16, config=cfg, seed=4, noise=0.0, distraction=1.0,
+                                   successful_only=False)
+    assert not bool(wrong.success.any())
+    kept = collect_demonstrations(16, config=cfg, seed=4, noise=0.0, distraction=1.0)
+    assert kept.obs.shape[0] > 0.8 * wrong.obs.shape[0]  # nearly every own placement succeeded
+    half = collect_demonstrations(64, config=cfg, seed=4, noise=0.0, distraction=0.5,
+                                  successful_only=False)
+    assert 0.3 < float(half.success.float().mean()) < 0.7

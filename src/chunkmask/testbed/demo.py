@@ -52,6 +52,12 @@ class DemoConfig:
             too short for the expert to finish).
         pcm_ht: besides `pcm` (the paper's masked objective, Eq. 11), also run `pcm_ht`: the same
             masker with the unbiased Horvitz-Thompson estimator (`estimator="horvitz_thompson"`).
+        num_objects: objects on the table (the task picks one; `PickPlaceConfig.num_objects`).
+        distraction: share of the demonstrations in which the expert puts a wrong object in
+            the bin (`collect_demonstrations(distraction=...)`).
+        speed: time scale of the task: the arm moves, turns, closes and objects fall `speed`
+            times as far per step as in `PickPlaceConfig`'s defaults, so an episode takes about
+            `1 / speed` as many steps (set `max_steps` to match, e.g. 256 at speed 2).
     """
 
     seed: int = 0
@@ -68,6 +74,9 @@ class DemoConfig:
     budget_probe_prompts: int = 8
     keep_failed_demos: bool = False
     pcm_ht: bool = True
+    num_objects: int = 1
+    distraction: float = 0.0
+    speed: float = 1.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -78,14 +87,29 @@ class DemoConfig:
             "max_steps",
             "final_window",
             "budget_probe_prompts",
+            "num_objects",
         ):
             check_positive_int(getattr(self, name), name)
         check_positive_int(self.seed, "seed", allow_zero=True)
         check_range(self.expert_noise, "expert_noise", low=0.0)
         check_range(self.sft_smoothing, "sft_smoothing", low=0.0)
+        check_range(self.distraction, "distraction", low=0.0, high=1.0)
+        check_range(self.speed, "speed", low=0.0, low_open=True)
         check_range(self.threshold_frac, "threshold_frac", low=0.0, high=1.0, low_open=True)
         if not isinstance(self.train, TrainConfig):
             raise TypeError(f"`train` must be a TrainConfig, got {type(self.train).__name__}.")
+
+    def env_config(self) -> PickPlaceConfig:
+        """The environment of this configuration."""
+        base = PickPlaceConfig()
+        return PickPlaceConfig(
+            max_steps=self.max_steps,
+            num_objects=self.num_objects,
+            max_move=base.max_move * self.speed,
+            max_turn=base.max_turn * self.speed,
+            grip_rate=min(1.0, base.grip_rate * self.speed),
+            fall_speed=base.fall_speed * self.speed,
+        )
 
     @staticmethod
     def quick() -> "DemoConfig":
@@ -136,6 +160,7 @@ def sft_checkpoint(
         seed=cfg.seed + 17,
         noise=cfg.expert_noise,
         successful_only=not cfg.keep_failed_demos,
+        distraction=cfg.distraction,
     )
     policy = make_policy(cfg, env_cfg)
     # Supervised batches are small enough to keep every activation: no recomputation here.
@@ -304,7 +329,7 @@ def run_demo(
     cfg = cfg or DemoConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    env_cfg = PickPlaceConfig(max_steps=cfg.max_steps)
+    env_cfg = cfg.env_config()
     t0 = time.perf_counter()
     sft_state = sft_checkpoint(cfg, env_cfg, out / "sft.pt", progress=progress)
     sft_s = time.perf_counter() - t0

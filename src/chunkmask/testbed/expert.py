@@ -178,8 +178,17 @@ def collect_demonstrations(
     seed: int = 0,
     noise: float = 0.2,
     successful_only: bool = True,
+    distraction: float = 0.0,
 ) -> Demonstrations:
     """Roll the scripted expert out and cut its episodes into chunks of `horizon` steps.
+
+    With `distraction > 0` (and more than one object), each episode is, with that probability,
+    demonstrated by a distracted expert: it sees a wrong task id (another object, uniformly) and
+    puts that object in the bin. The demonstrator's choice then ignores the task token as often,
+    so a policy cloned from these demonstrations picks the wrong object in about that share of
+    its episodes: a mode error that RL can correct (the task token is in every observation).
+    A distracted episode counts as successful (for `successful_only`) when its own object ends
+    in the bin.
 
     Args:
         num_episodes: number of episodes (run as one batch).
@@ -189,6 +198,7 @@ def collect_demonstrations(
         seed: seeds the environment and the expert noise.
         noise: expert motion noise.
         successful_only: keep only the chunks of successful episodes.
+        distraction: probability that an episode's demonstrator targets a wrong object.
 
     Returns:
         The chunked `Demonstrations` (chunks that start after an episode ended are dropped).
@@ -201,13 +211,27 @@ def collect_demonstrations(
     check_positive_int(num_episodes, "num_episodes")
     check_positive_int(horizon, "horizon")
     check_range(noise, "noise", low=0.0)
+    check_range(distraction, "distraction", low=0.0, high=1.0)
     cfg = config or PickPlaceConfig()
     env = PickPlaceVectorEnv(num_episodes, cfg)
-    expert = ScriptedExpert(
-        num_episodes, cfg, noise=noise, generator=torch.Generator().manual_seed(seed + 1)
-    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    expert = ScriptedExpert(num_episodes, cfg, noise=noise, generator=gen)
     options = None if initial_state is None else {"initial_state": initial_state}
     obs, _ = env.reset(seed=seed, options=options)
+    lay = env.layout
+    true_task = obs[:, lay.task].long()
+    believed = true_task
+    if distraction > 0 and cfg.num_objects > 1:
+        dgen = torch.Generator().manual_seed(seed + 2)
+        distracted = torch.rand(num_episodes, generator=dgen) < distraction
+        shift = torch.randint(1, cfg.num_objects, (num_episodes,), generator=dgen)
+        believed = torch.where(distracted, (true_task + shift) % cfg.num_objects, true_task)
+
+    def seen(o: Tensor) -> Tensor:  # the observation with the demonstrator's task id
+        o = o.clone()
+        o[:, lay.task] = believed.to(o.dtype)
+        return o
+
     num_chunks = -(-cfg.max_steps // horizon)
     all_obs = torch.zeros(num_episodes, num_chunks, obs.shape[1])
     all_act = torch.zeros(num_episodes, num_chunks, horizon, ACTION_DIM)
@@ -218,10 +242,17 @@ def collect_demonstrations(
         alive[:, c] = ~env.done
         all_obs[:, c] = obs
         for h in range(horizon):
-            act = expert(obs)
+            act = expert(seen(obs))
             all_act[:, c, h] = act
             obs, *_ = env.step(act)
-    keep = alive & (env.success[:, None] if successful_only else True)
+    done_own = env.success
+    if bool((believed != true_task).any()):  # a distracted episode never ends in success
+        objs = obs[:, lay.objects].reshape(num_episodes, lay.num_objects, OBJ_FEATURES)
+        own = objs[torch.arange(num_episodes), believed]
+        in_bin = (own[:, :2] - obs[:, lay.bin]).abs().amax(1) <= cfg.bin_half_size
+        placed = in_bin & (own[:, 5] < 0.5) & (own[:, 2] <= 0.01)
+        done_own = torch.where(believed != true_task, placed, env.success)
+    keep = alive & (done_own[:, None] if successful_only else True)
     return Demonstrations(
         obs=all_obs[keep],
         actions=all_act[keep],

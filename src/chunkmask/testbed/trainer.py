@@ -19,6 +19,10 @@ take one clipped-surrogate AdamW step on the rollouts' action tokens. The only t
 - `"pps"`: `B` chunks per trajectory on average over the batch, drawn with probability
   proportional to `|A_i|` times `chunk_score_norm` (`pps_sample`); with
   `estimator="horvitz_thompson"` an unbiased update with a Neyman allocation.
+- `"neyman"`: `B` chunks per trajectory split over its phases by the Neyman allocation of
+  Eq. 6 with `sigma_c = sqrt(V_c)` from the masker's scores, uniform inside each phase
+  (`stratified_sample`); with `estimator="horvitz_thompson"` the stratified estimator of
+  Theorem 1.
 
 Every arm is looked up by name in the core's selector registry (`chunkmask.get_selector`, one
 `SelectorInputs -> Selection` signature); the testbed registers its own `"pods"` and
@@ -60,6 +64,7 @@ from chunkmask import (
     shrink,
 )
 from chunkmask._checks import check_bool, check_option, check_positive_int, check_range
+from chunkmask.aggregation import AGGREGATION_MODES, AggregationMode
 from chunkmask.baselines import (
     dynamic_sampling_mask,
     high_entropy_token_mask,
@@ -80,7 +85,8 @@ from chunkmask.testbed.policy import TokenChunkPolicy
 from chunkmask.testbed.rollout import RolloutBatch, rollout
 
 Selector = Literal[
-    "full", "pcm", "random", "top_phase", "entropy_topk", "pods", "token_entropy", "pps"
+    "full", "pcm", "random", "top_phase", "entropy_topk", "pods", "token_entropy", "pps",
+    "neyman",
 ]
 SELECTORS: tuple[str, ...] = get_args(Selector)
 """The testbed's arms: the core's generic selectors (`chunkmask.available_selectors`) and the
@@ -142,6 +148,9 @@ class TrainConfig(OptimConfig):
             one extra full backward on the first mini-batch gives the cosine between the masked
             and the full GRPO gradient at the same parameters (`probe_cosine` in the log; its
             time is excluded from `update_s`).
+        loss_agg_mode: the loss aggregation (`chunkmask.AGGREGATION_MODES`): `"token-mean"`
+            weights every back-propagated token alike, `"seq-mean-token-mean"` every trajectory
+            alike (long failed episodes then weigh no more than short successful ones).
     """
 
     selector: Selector = "full"
@@ -167,16 +176,20 @@ class TrainConfig(OptimConfig):
     score_window: Literal["steps", "weighted"] = "steps"
     min_groups: float = 0.0
     probe_every: int = 0
+    loss_agg_mode: AggregationMode = "token-mean"
 
     def validate(self) -> None:
         """Raise `ValueError`/`TypeError` naming the first field that is out of range."""
         super().validate()
         check_option(self.selector, "selector", SELECTORS)
         check_option(self.estimator, "estimator", ("masked", "horvitz_thompson"))
-        if self.estimator == "horvitz_thompson" and self.selector not in ("full", "pcm", "pps"):
+        check_option(self.loss_agg_mode, "loss_agg_mode", AGGREGATION_MODES)
+        if self.estimator == "horvitz_thompson" and self.selector not in (
+            "full", "pcm", "pps", "neyman"
+        ):
             raise ValueError(
                 "`estimator='horvitz_thompson'` needs inclusion probabilities: selector must be "
-                f"'full', 'pcm' or 'pps', got {self.selector!r}."
+                f"'full', 'pcm', 'pps' or 'neyman', got {self.selector!r}."
             )
         for name in (
             "budget",
@@ -219,7 +232,9 @@ class TrainResult(NamedTuple):
     Attributes:
         records: one dict per step (the JSON-lines records).
         optimizer_state: the AdamW state after the last step.
-        masker_state: the `ProbabilisticChunkMasker` state (None unless `selector="pcm"`).
+        masker_state: the `ProbabilisticChunkMasker` state: its phase scores select the chunks
+            of `"pcm"`, `"top_phase"` and `"neyman"` and are logged for every selector, so a
+            resumed run of any selector continues them.
     """
 
     records: list[dict[str, Any]]
@@ -350,7 +365,7 @@ def update(
 
     info = None
     scored = valid
-    if cfg.selector in ("pcm", "top_phase"):  # the phases and V_c of this batch (Eq. 5-9)
+    if cfg.selector in ("pcm", "top_phase", "neyman"):  # phases and V_c of this batch (Eq. 5-9)
         # An advantage-aware PCM masker sees every trajectory: it gives the zero-advantage ones
         # (the groups dynamic sampling drops) no chunks, B for each trajectory that reaches the
         # update.
@@ -412,6 +427,7 @@ def update(
             selection=part,
             mask=token_mask,
             clip=cfg.clip,
+            loss_agg_mode=cfg.loss_agg_mode,
             estimator=cfg.estimator,
             regularizers=Regularizers(entropy=entropy, entropy_coef=cfg.entropy_coef),
         )
@@ -527,14 +543,16 @@ def train(
     """
     env_cfg = env_config or PickPlaceConfig()
     cfg.validate()  # again: the dataclass is mutable
-    eval_states = eval_states if eval_states is not None else held_out_states(cfg.eval_episodes)
+    eval_states = (
+        eval_states if eval_states is not None else held_out_states(cfg.eval_episodes, env_cfg)
+    )
     n_traj = cfg.prompts_per_step * cfg.group_size
     env = PickPlaceVectorEnv(n_traj, env_cfg)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     masker = make_masker(cfg)
-    if masker_state is not None and cfg.selector == "pcm":
+    if masker_state is not None:
         masker.load_state_dict(masker_state)
     group = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.group_size)
     log = None if log_path is None else open(log_path, "a")  # noqa: SIM115
@@ -624,5 +642,5 @@ def train(
     return TrainResult(
         records=records,
         optimizer_state=optimizer.state_dict(),
-        masker_state=masker.state_dict() if cfg.selector == "pcm" else None,
+        masker_state=masker.state_dict(),
     )
