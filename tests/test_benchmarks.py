@@ -422,6 +422,58 @@ def test_evidence_study_threshold_crossing_and_gradient_table(bench, tmp_path):
     assert table["selectors"]["random"]["signal_ratio_se"] == 0.5
 
 
+def test_evidence_v3_quick_interleaves_resumes_and_reports(bench, tmp_path):
+    pytest.importorskip("gymnasium")
+    study = bench("evidence_v3")
+    out, results = tmp_path / "runs", tmp_path / "res"
+    argv = ["--quick", "--out", str(out), "--results", str(results), "--seeds", "0-1"]
+    assert study.main(argv) is None
+    record = json.loads((results / "seed0.json").read_text())
+    assert record["complete"] and set(record["arms"]) == set(study.ARMS)
+    for row in record["arms"].values():
+        assert [c[0] for c in row["curve"]] == [1, 2] and len(row["steps"]) == 2
+    # all arms of a seed share the rollouts: GRPO and pcm_19 executed the same first step
+    assert record["arms"]["grpo"]["steps"][0]["chunks_executed"] == \
+        record["arms"]["pcm_19"]["steps"][0]["chunks_executed"]
+    # a complete seed is not run again
+    stamp = (results / "seed0.json").stat().st_mtime_ns
+    study.main(argv)
+    assert (results / "seed0.json").stat().st_mtime_ns == stamp
+    # fixed n: the real report refuses to look before all pre-registered seeds are complete
+    with pytest.raises(SystemExit, match="no interim looks"):
+        study.main(["--results", str(results), "--report", str(tmp_path / "r.md")])
+    summary = study.main(["--quick", "--results", str(results), "--report", str(tmp_path / "r.md")])
+    row = summary["arms"]["pcm_19"]
+    assert {"gain_vs_sft_pp", "gain_ci95_pp", "chunk_fraction", "diff_vs_grpo_pp", "diff_ci95_pp",
+            "per_seed_diff_pp", "tost_p", "tost_p_holm", "seeds", "rq2"} <= set(row)
+    assert len(row["per_seed_diff_pp"]) == row["seeds"] == 2
+    assert row["tost_p_holm"] >= row["tost_p"]
+    assert set(summary["rq2"]) == set(study.MASKED)
+    assert (tmp_path / "r.md").read_text().startswith("# Reproduction")
+
+
+def test_evidence_v3_crossing_time_interpolates(bench):
+    evidence_v3 = bench("evidence_v3")
+    # start 10 at t=0, 30 at t=10, 50 at t=20: 40 is reached half-way through the second leg
+    assert evidence_v3._crossing_time([10.0, 20.0], [30.0, 50.0], 10.0, 40.0) == pytest.approx(15.0)
+    assert evidence_v3._crossing_time([10.0, 20.0], [30.0, 50.0], 10.0, 20.0) == pytest.approx(5.0)
+    assert evidence_v3._crossing_time([10.0, 20.0], [30.0, 50.0], 10.0, 60.0) is None
+
+
+def test_evidence_v3_pilot_tiny(bench, tmp_path):
+    pytest.importorskip("gymnasium")
+    pilot = bench("evidence_v3_pilot")
+    pilot.main(["--name", "tiny", "--seed", "100", "--demos", "2", "--sft-steps", "3",
+                "--d-model", "16", "--depth", "1", "--max-steps", "32", "--steps", "2",
+                "--eval-every", "1", "--eval-episodes", "2", "--prompts", "2", "--group", "2",
+                "--mini-batch", "4", "--pool", "2", "--keep-failed-demos", "--out", str(tmp_path / "runs"),
+                "--results", str(tmp_path / "res")])
+    data = json.loads((tmp_path / "res" / "tiny_seed100.json").read_text())
+    assert [c[0] for c in data["curve"]] == [0, 1, 2]
+    assert len(data["train_success"]) == len(data["entropy"]) == 2
+    assert 0.0 <= data["update_share"] <= 1.0
+
+
 def test_loss_overhead_tiny(bench, tmp_path):
     """The overhead benchmark checks that every call computes the bare value, then times them."""
     loss_overhead = bench("loss_overhead")

@@ -510,3 +510,26 @@ def test_distracted_demonstrations_put_the_wrong_object_in_the_bin():
     half = collect_demonstrations(64, config=cfg, seed=4, noise=0.0, distraction=0.5,
                                   successful_only=False)
     assert 0.3 < float(half.success.float().mean()) < 0.7
+
+
+def test_prompt_pool_fixes_the_task_states():
+    from chunkmask.testbed.trainer import prompt_pool_states
+
+    cfg = _cfg("full", steps=2, prompt_pool=3, prompts_per_step=2, seed=5)
+    pool = prompt_pool_states(cfg, ENV)
+    assert pool.num == 3
+    again = prompt_pool_states(cfg, ENV)
+    assert all(torch.equal(a, b) for a, b in zip(pool, again, strict=True))  # seeded
+    other = prompt_pool_states(_cfg("full", prompt_pool=3, prompts_per_step=2, seed=6), ENV)
+    assert not torch.equal(pool.obj_pos, other.obj_pos)
+    # every step's prompts are distinct states of the pool
+    from chunkmask.testbed.trainer import _step_prompts
+
+    for step in range(4):
+        prompts = _step_prompts(cfg, step, ENV, pool)
+        rows = [int((pool.obj_pos == p).all(-1).all(-1).nonzero()[0]) for p in prompts.obj_pos]
+        assert len(set(rows)) == 2
+    records = train(_policy(), cfg, env_config=ENV).records
+    assert [r["step"] for r in records] == [0, 1]
+    with pytest.raises(ValueError, match=r"`prompt_pool` must be 0 or at least `prompts_per_step`=2, got 1"):
+        train(_policy(), _cfg("full", prompt_pool=1, prompts_per_step=2), env_config=ENV)

@@ -124,6 +124,10 @@ class InitialState(NamedTuple):
         """Number of states."""
         return self.task.shape[0]
 
+    def take(self, index: Tensor) -> "InitialState":
+        """The states at `index` (a 1-D int64 tensor), in that order."""
+        return InitialState(*(x[index] for x in self))
+
 
 class ObsLayout(NamedTuple):
     """Column slices of the flat observation.

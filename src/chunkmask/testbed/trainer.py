@@ -151,6 +151,10 @@ class TrainConfig(OptimConfig):
         loss_agg_mode: the loss aggregation (`chunkmask.AGGREGATION_MODES`): `"token-mean"`
             weights every back-propagated token alike, `"seq-mean-token-mean"` every trajectory
             alike (long failed episodes then weigh no more than short successful ones).
+        prompt_pool: 0 draws fresh initial states every step; `N > 0` fixes the task as a set
+            of `N` initial states (`prompt_pool_states`, seeded by `seed`), as LIBERO fixes 50
+            per task: every step takes `prompts_per_step` distinct states of the pool, and
+            the default evaluation runs on the pool.
     """
 
     selector: Selector = "full"
@@ -177,6 +181,7 @@ class TrainConfig(OptimConfig):
     min_groups: float = 0.0
     probe_every: int = 0
     loss_agg_mode: AggregationMode = "token-mean"
+    prompt_pool: int = 0
 
     def validate(self) -> None:
         """Raise `ValueError`/`TypeError` naming the first field that is out of range."""
@@ -205,6 +210,12 @@ class TrainConfig(OptimConfig):
             check_positive_int(getattr(self, name), name)
         check_positive_int(self.seed, "seed", allow_zero=True)
         check_positive_int(self.probe_every, "probe_every", allow_zero=True)
+        check_positive_int(self.prompt_pool, "prompt_pool", allow_zero=True)
+        if 0 < self.prompt_pool < self.prompts_per_step:
+            raise ValueError(
+                f"`prompt_pool` must be 0 or at least `prompts_per_step`={self.prompts_per_step}, "
+                f"got {self.prompt_pool}."
+            )
         check_range(self.entropy_coef, "entropy_coef", low=0.0)
         check_range(self.p_min, "p_min", low=0.0, high=1.0)
         check_range(self.token_fraction, "token_fraction", low=0.0, high=1.0, low_open=True)
@@ -245,6 +256,20 @@ class TrainResult(NamedTuple):
 def held_out_states(num: int, config: PickPlaceConfig | None = None) -> InitialState:
     """The fixed held-out initial states used for evaluation (a seed no training step uses)."""
     return _sample_states(num, config=config, generator=torch.Generator().manual_seed(10_000_019))
+
+
+def prompt_pool_states(cfg: TrainConfig, config: PickPlaceConfig | None = None) -> InitialState:
+    """The fixed task states of a run with `cfg.prompt_pool > 0` (seeded by `cfg.seed`)."""
+    check_positive_int(cfg.prompt_pool, "prompt_pool")
+    generator = torch.Generator().manual_seed(cfg.seed * 7_777 + 424_242)
+    return _sample_states(cfg.prompt_pool, config=config, generator=generator)
+
+
+def _step_prompts(cfg: TrainConfig, step: int, env_cfg: PickPlaceConfig, pool: InitialState | None):
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    if pool is None:
+        return _sample_states(cfg.prompts_per_step, config=env_cfg, generator=generator)
+    return pool.take(torch.randperm(pool.num, generator=generator)[: cfg.prompts_per_step])
 
 
 def evaluate(
@@ -543,9 +568,12 @@ def train(
     """
     env_cfg = env_config or PickPlaceConfig()
     cfg.validate()  # again: the dataclass is mutable
-    eval_states = (
-        eval_states if eval_states is not None else held_out_states(cfg.eval_episodes, env_cfg)
-    )
+    pool = prompt_pool_states(cfg, env_cfg) if cfg.prompt_pool > 0 else None
+    if eval_states is None:
+        eval_states = (
+            held_out_states(cfg.eval_episodes, env_cfg) if pool is None
+            else pool.take(torch.arange(cfg.eval_episodes) % pool.num)
+        )
     n_traj = cfg.prompts_per_step * cfg.group_size
     env = PickPlaceVectorEnv(n_traj, env_cfg)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -576,8 +604,7 @@ def train(
     init_success = _eval() if start_step == 0 else None
     try:
         for step in steps:
-            prompt_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            prompts = _sample_states(cfg.prompts_per_step, config=env_cfg, generator=prompt_gen)
+            prompts = _step_prompts(cfg, step, env_cfg, pool)
             t0 = time.perf_counter()
             batch = rollout(
                 policy,

@@ -1,0 +1,405 @@
+"""The v3 evidence study: compute-matched masked arms against GRPO where GRPO learns far.
+
+    python benchmarks/evidence_v3.py --seeds 0-9            # run seeds (resumable; one thread)
+    python benchmarks/evidence_v3.py --seeds 10-19          # beside it, in a second process
+    python benchmarks/evidence_v3.py --report docs/reproduction.md
+
+The design (arms, seeds, evaluation, endpoints, margin, multiplicity correction, stopping rule)
+is fixed in `docs/evidence_v3/PLAN.md`, committed before the first seed runs. Until then the
+constants below are a draft that follows the pilot (`docs/evidence_v3/pilot.md`); after it, they
+change only through a deviation that the report lists.
+
+Per seed, one process trains every arm from the same SFT checkpoint, interleaved step by step in
+a shuffled order (`train(..., start_step=k)` one step at a time, which equals an uninterrupted
+run: `tests/test_testbed_train.py`), so every arm's step time is measured side by side under
+the same load. All arms of a seed share the prompts, rollout seeds and selection seeds of each
+step (`TrainConfig.seed`) and the fresh evaluation states. At each checkpoint in `CHECKPOINTS`
+every arm is evaluated on `EVAL_EPISODES` fresh initial states (common random numbers); the
+SFT start is measured on the same states.
+
+Each checkpoint rewrites `--results/seed{s}.json` (small, committed when the seed completes) and
+`--out/seed{s}_arms.pt` (the arms' policies, optimisers and maskers), so an interrupted seed
+resumes at its last checkpoint. `--report` aggregates the complete seeds only.
+"""
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chunkmask.eval import equivalence_test, holm_adjust, paired_difference
+from chunkmask.testbed import train
+from chunkmask.testbed.demo import DemoConfig, make_policy, sft_checkpoint
+from chunkmask.testbed.trainer import evaluate, prompt_pool_states
+
+# ---- the design (a draft until docs/evidence_v3/PLAN.md is committed) -------------------------
+STEPS = 60
+CHECKPOINTS = (15, 30, 45, 60)
+EVAL_EPISODES = 1024  # 32 fresh episodes from each of the pool's 32 states
+SEEDS = tuple(range(20))
+THRESHOLD = 0.98  # RQ2: 98% of GRPO's final success
+MARGIN_FRACTION = 0.2  # the TOST margin, as a fraction of GRPO's mean gain over SFT
+ALPHA = 0.05
+BOOTSTRAP = 4000
+# budgets: chunks per trajectory (pcm, random, neyman; pps on average) and PODS rollouts kept
+# (about 19% and 37% of GRPO's chunks at ~27 chunks per trajectory; PODS keeps m of G = 16)
+FRACTIONS = {"19": {"budget": 5, "pods_keep": 3}, "37": {"budget": 10, "pods_keep": 6}}
+RULES = {
+    "pcm": {"selector": "pcm"},  # the paper's Eq. 11
+    "pcm_ht": {"selector": "pcm", "estimator": "horvitz_thompson"},
+    "random": {"selector": "random"},
+    "pps_ht": {"selector": "pps", "estimator": "horvitz_thompson"},
+    "neyman_ht": {"selector": "neyman", "estimator": "horvitz_thompson"},
+    "pods": {"selector": "pods"},
+}
+
+
+def _arm(rule, fraction):
+    size = FRACTIONS[fraction]
+    knob = {"pods_keep": size["pods_keep"]} if rule == "pods" else {"budget": size["budget"]}
+    return {**RULES[rule], **knob}
+
+
+ARMS = {"grpo": {"selector": "full"}} | {
+    f"{rule}_{fraction}": _arm(rule, fraction) for fraction in FRACTIONS for rule in RULES
+}
+MASKED = tuple(a for a in ARMS if a != "grpo")
+
+
+def study_config(seed, quick=False):
+    """The testbed configuration of the study, for one seed."""
+    if quick:
+        cfg = DemoConfig.quick()
+        cfg.train = replace(cfg.train, group_size=4, prompt_pool=4)
+    else:  # the pilot's candidate regime (docs/evidence_v3/pilot.md)
+        cfg = DemoConfig(demos=50, speed=2.0, max_steps=256)
+        cfg.train = replace(cfg.train, prompts_per_step=8, group_size=16, mini_batch=128,
+                            prompt_pool=16, lr=3e-5)
+    cfg.seed = seed
+    # the quick run's policy never succeeds: dynamic sampling would leave nothing to update
+    cfg.train = replace(cfg.train, seed=seed, dynamic_sampling=not quick, eval_every=10_000)
+    return cfg
+
+
+# ---- running -----------------------------------------------------------------------------------
+
+
+def seeds_of(text):
+    out = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/evidence_v3"), help="checkpoints")
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results/evidence_v3"),
+                   help="per-seed JSON")
+    p.add_argument("--seeds", type=seeds_of, default=list(SEEDS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="a seconds-long run for tests")
+    p.add_argument("--report", type=Path, default=None, help="write the report page here")
+    p.add_argument("--summary", type=Path, default=None,
+                   help="the report's JSON (default: RESULTS.json beside RESULTS)")
+    return p.parse_args(argv)
+
+
+def _design(quick):
+    if quick:
+        return {"steps": 2, "checkpoints": (1, 2), "eval_episodes": 4}
+    return {"steps": STEPS, "checkpoints": CHECKPOINTS, "eval_episodes": EVAL_EPISODES}
+
+
+def run_seed(seed, args):
+    """Train (or resume) every arm of `seed`, interleaved; returns the seed's record."""
+    design = _design(args.quick)
+    path = args.results / f"seed{seed}.json"
+    record = json.loads(path.read_text()) if path.exists() else None
+    if record is not None and record.get("complete"):
+        return record
+    cfg = study_config(seed, args.quick)
+    env_cfg = cfg.env_config()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+    sft = sft_checkpoint(cfg, env_cfg, args.out / f"sft_seed{seed}.pt")
+    # The task is the seed's pool of initial states (as LIBERO's fixed initial states): every
+    # checkpoint is evaluated on fresh episodes from it, the same episodes for every arm.
+    pool = prompt_pool_states(cfg.train, env_cfg)
+    states = pool.take(torch.arange(design["eval_episodes"]) % pool.num)
+    probe_states = pool.take(torch.zeros(1, dtype=torch.long))  # train()'s own eval: unused
+
+    def fresh(policy):
+        return evaluate(policy, states, temperature=cfg.train.temperature,
+                        seed=80_000 + seed, config=env_cfg)
+
+    def new_policy():
+        policy = make_policy(cfg, env_cfg)
+        policy.load_state_dict(sft)
+        return policy
+
+    if record is None:
+        record = {
+            "seed": seed, "eval_episodes": design["eval_episodes"], "steps": design["steps"],
+            "checkpoints": list(design["checkpoints"]), "threads": torch.get_num_threads(),
+            "config": json.loads(json.dumps(asdict(cfg), default=str)),
+            "sft_success": fresh(new_policy()), "arms": {}, "complete": False,
+        }
+    ckpt_path = args.out / f"seed{seed}_arms.pt"
+    saved = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else {}
+    arms = {}
+    for name in ARMS:
+        policy = new_policy()
+        entry = saved.get(name)
+        if entry is not None:
+            policy.load_state_dict(entry["policy"])
+        arms[name] = {
+            "policy": policy,
+            "optimizer": None if entry is None else entry["optimizer"],
+            "masker": None if entry is None else entry["masker"],
+            "done": 0 if entry is None else entry["done"],
+        }
+        record["arms"].setdefault(name, {"curve": [], "steps": []})
+        # a record written after the checkpoint file: keep only what the checkpoint holds
+        row = record["arms"][name]
+        row["steps"] = row["steps"][: arms[name]["done"]]
+        row["curve"] = [c for c in row["curve"] if c[0] <= arms[name]["done"]]
+
+    for stop in design["checkpoints"]:
+        start = min(a["done"] for a in arms.values())
+        if start >= stop:
+            continue
+        for step in range(start, stop):
+            order = list(ARMS)
+            random.Random(seed * 100_003 + step).shuffle(order)
+            for name in order:
+                arm = arms[name]
+                if arm["done"] > step:
+                    continue
+                tc = replace(cfg.train, **ARMS[name], steps=step + 1)
+                result = train(arm["policy"], tc, env_config=env_cfg, start_step=step,
+                               optimizer_state=arm["optimizer"], masker_state=arm["masker"],
+                               eval_states=probe_states)
+                rec = result.records[0]
+                arm.update(optimizer=result.optimizer_state, masker=result.masker_state,
+                           done=step + 1)
+                record["arms"][name]["steps"].append({
+                    k: rec[k] for k in ("rollout_s", "update_s", "chunks_executed",
+                                        "chunks_updated", "train_success", "num_traj")
+                })
+        for name in ARMS:
+            t0 = time.perf_counter()
+            success = fresh(arms[name]["policy"])
+            record["arms"][name]["curve"].append([stop, success, time.perf_counter() - t0])
+        torch.save({name: {"policy": a["policy"].state_dict(), "optimizer": a["optimizer"],
+                           "masker": a["masker"], "done": a["done"]} for name, a in arms.items()},
+                   ckpt_path)
+        record["complete"] = stop == design["checkpoints"][-1]
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        finals = {n: record["arms"][n]["curve"][-1][1] for n in ("grpo", "pcm_19")}
+        print(f"seed {seed} step {stop}: grpo {finals['grpo']:.3f} pcm_19 {finals['pcm_19']:.3f}"
+              f" (sft {record['sft_success']:.3f})", flush=True)
+    return record
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+
+def _final(seed, arm):
+    return 100 * seed["arms"][arm]["curve"][-1][1]
+
+
+def _train_time(seed, arm):
+    """Cumulative training time (rollout + update) at each checkpoint of `arm` on `seed`."""
+    steps = seed["arms"][arm]["steps"]
+    cum = np.cumsum([s["rollout_s"] + s["update_s"] for s in steps])
+    return [float(cum[c[0] - 1]) for c in seed["arms"][arm]["curve"]]
+
+
+def _crossing_time(times, curve, start, threshold):
+    """First time the piecewise-linear curve through (0, start), (t_k, s_k) reaches `threshold`."""
+    t_prev, s_prev = 0.0, start
+    for t, s in zip(times, curve, strict=True):
+        if s >= threshold:
+            if s == s_prev:
+                return t
+            return t_prev + (t - t_prev) * max(0.0, threshold - s_prev) / (s - s_prev)
+        t_prev, s_prev = t, s
+    return None
+
+
+def rq2(seeds, arm, rng_seed=0):
+    """Wall-clock to 98% of GRPO's final success on the seed-averaged fresh-evaluation curves.
+
+    Curve: per arm, the mean over seeds of the success at each checkpoint, on the time axis of
+    the mean cumulative training time (rollout + update, measured with the arms interleaved).
+    Threshold: `THRESHOLD` times GRPO's mean final success. Time: linear interpolation between
+    checkpoints, from the SFT start at time 0. Speedup: GRPO's time over the arm's. CI: the
+    percentile bootstrap over seeds (the same resampled seeds for both arms).
+    """
+    sft = np.array([100 * s["sft_success"] for s in seeds])
+
+    def arrays(name):
+        curve = np.array([[100 * c[1] for c in s["arms"][name]["curve"]] for s in seeds])
+        times = np.array([_train_time(s, name) for s in seeds])
+        return curve, times
+
+    arm_c, arm_t = arrays(arm)
+    grpo_c, grpo_t = arrays("grpo")
+
+    def one(idx):
+        thr = THRESHOLD * grpo_c[idx, -1].mean()
+        start = sft[idx].mean()
+        ta = _crossing_time(arm_t[idx].mean(0), arm_c[idx].mean(0), start, thr)
+        tg = _crossing_time(grpo_t[idx].mean(0), grpo_c[idx].mean(0), start, thr)
+        return thr, ta, tg
+
+    thr, ta, tg = one(np.arange(len(seeds)))
+    rng = np.random.default_rng(rng_seed)
+    speedups = []
+    for _ in range(BOOTSTRAP):
+        _, a, g = one(rng.integers(len(seeds), size=len(seeds)))
+        speedups.append(0.0 if a is None or g is None else (np.inf if a == 0 else g / a))
+    lo, hi = np.percentile(np.array(speedups), [2.5, 97.5], method="inverted_cdf")
+    return {
+        "threshold_pp": float(thr),
+        "time_to_threshold_s": ta,
+        "grpo_time_to_threshold_s": tg,
+        "speedup_to_threshold": None if ta in (None, 0) or tg is None else tg / ta,
+        "speedup_ci95": [float(lo), None if not np.isfinite(hi) else float(hi)],
+        "reached_fraction_bootstrap": float(np.mean(np.array(speedups) > 0)),
+        "step_s": float(np.mean([_train_time(s, arm)[-1] / len(s["arms"][arm]["steps"])
+                                 for s in seeds])),
+    }
+
+
+def summarize(seeds):
+    """The report's numbers from complete seed records (see PLAN.md for every definition)."""
+    sft = [100 * s["sft_success"] for s in seeds]
+    grpo = [_final(s, "grpo") for s in seeds]
+    gain = paired_difference(grpo, sft)
+    margin = MARGIN_FRACTION * gain.mean
+    out = {"seeds": [s["seed"] for s in seeds], "n": len(seeds), "margin_pp": margin,
+           "sft_success_pp": float(np.mean(sft)), "arms": {}}
+
+    def total(name, key):
+        return sum(st[key] for s in seeds for st in s["arms"][name]["steps"])
+
+    def ratio(num, den):
+        return num / den if den else None
+
+    grpo_update = total("grpo", "update_s")
+    grpo_step = grpo_update + total("grpo", "rollout_s")
+    out["grpo_update_share"] = ratio(grpo_update, grpo_step)
+    tosts = {}
+    for name in ARMS:
+        values = [_final(s, name) for s in seeds]
+        g = paired_difference(values, sft)
+        row = {
+            "config": ARMS[name],
+            "final_success_pp": float(np.mean(values)),
+            "gain_vs_sft_pp": g.mean, "gain_ci95_pp": [g.low, g.high],
+            "chunk_fraction": ratio(total(name, "chunks_updated"), total("grpo", "chunks_updated")),
+            "update_speedup": ratio(grpo_update, total(name, "update_s")),
+            "step_speedup": ratio(grpo_step, total(name, "update_s") + total(name, "rollout_s")),
+            "curve_pp": [float(np.mean([100 * s["arms"][name]["curve"][k][1] for s in seeds]))
+                         for k in range(len(seeds[0]["arms"][name]["curve"]))],
+            "checkpoints": [c[0] for c in seeds[0]["arms"][name]["curve"]],
+        }
+        if name != "grpo":
+            d = paired_difference(values, grpo)
+            tost = equivalence_test(values, grpo, margin=margin, alpha=ALPHA) if margin > 0 else None
+            tosts[name] = 1.0 if tost is None else tost.p_value
+            row.update(
+                diff_vs_grpo_pp=d.mean, diff_ci95_pp=[d.low, d.high],
+                per_seed_diff_pp=[v - w for v, w in zip(values, grpo, strict=True)],
+                halfwidth_pp=(d.high - d.low) / 2,
+                halfwidth_exceeds_margin=(d.high - d.low) / 2 > margin,
+                tost_p=tosts[name], rq2=rq2(seeds, name),
+            )
+        row["seeds"] = len(values)
+        out["arms"][name] = row
+    adjusted = holm_adjust([tosts[n] for n in MASKED])
+    for name, p in zip(MASKED, adjusted, strict=True):
+        out["arms"][name]["tost_p_holm"] = p
+        out["arms"][name]["equivalent_holm"] = p < ALPHA
+    out["rq2"] = {n: out["arms"][n]["rq2"] for n in MASKED}
+    return out
+
+
+def report(results, page, summary_path, *, quick=False):
+    """Write the report page and its JSON; only once every pre-registered seed is complete.
+
+    The stopping rule is a fixed n with no interim looks: before all of `SEEDS` are complete
+    the report refuses to run (`quick`, for the smoke test, accepts any 2 or more).
+    """
+    seeds = [json.loads(p.read_text()) for p in sorted(results.glob("seed*.json"))]
+    seeds = sorted((s for s in seeds if s.get("complete")), key=lambda s: s["seed"])
+    done = {s["seed"] for s in seeds}
+    if quick:
+        if len(seeds) < 2:
+            raise SystemExit(f"{results}: {len(seeds)} complete seeds; the report needs 2 or more")
+    elif not set(SEEDS) <= done:
+        missing = sorted(set(SEEDS) - done)
+        raise SystemExit(
+            f"{results}: seeds {missing} are not complete; the pre-registered design (fixed n = "
+            f"{len(SEEDS)}, no interim looks) reports only when all of them are"
+        )
+    else:
+        seeds = [s for s in seeds if s["seed"] in SEEDS]
+    summary = summarize(seeds)
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    lines = [
+        "| arm | chunk fraction | final success | gain vs SFT [95% CI] | diff vs GRPO [95% CI] "
+        "| TOST p | Holm p | update speedup | speedup to threshold [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in summary["arms"].items():
+        gain = f"{r['gain_vs_sft_pp']:+.1f} [{r['gain_ci95_pp'][0]:+.1f}, {r['gain_ci95_pp'][1]:+.1f}]"
+        if name == "grpo":
+            lines.append(f"| grpo | 100% | {r['final_success_pp']:.1f}% | {gain} | - | - | - | - | - |")
+            continue
+        q = r["rq2"]
+        sp = "not reached" if q["speedup_to_threshold"] is None else f"{q['speedup_to_threshold']:.2f}x"
+        hi = "inf" if q["speedup_ci95"][1] is None else f"{q['speedup_ci95'][1]:.2f}"
+        flag = " (CI wider than the margin)" if r["halfwidth_exceeds_margin"] else ""
+        lines.append(
+            f"| {name} | {100 * r['chunk_fraction']:.1f}% | {r['final_success_pp']:.1f}% | {gain} "
+            f"| {r['diff_vs_grpo_pp']:+.1f} [{r['diff_ci95_pp'][0]:+.1f}, "
+            f"{r['diff_ci95_pp'][1]:+.1f}]{flag} | {r['tost_p']:.3f} | {r['tost_p_holm']:.3f} "
+            f"| {r['update_speedup']:.2f}x | {sp} [{q['speedup_ci95'][0]:.2f}, {hi}] |"
+        )
+    head = [
+        "# Reproduction: masked updates against GRPO (v3 study)",
+        "",
+        f"Generated by `python benchmarks/evidence_v3.py --report {page}` from the "
+        f"{summary['n']} complete seeds in `{results}` (design: `docs/evidence_v3/PLAN.md`).",
+        "",
+        f"Margin: ±{summary['margin_pp']:.1f} points ({MARGIN_FRACTION:.0%} of GRPO's mean gain). "
+        f"GRPO's update share of a step: {100 * summary['grpo_update_share']:.1f}%.",
+        "",
+    ]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(head + lines) + "\n")
+    return summary
+
+
+def main(argv=None):
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    if args.report is not None:
+        summary = args.summary or args.results.with_suffix(".json")
+        return report(args.results, args.report, summary, quick=args.quick)
+    for seed in args.seeds:
+        run_seed(seed, args)
+    return None
+
+
+if __name__ == "__main__":
+    main()
