@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from evidence_study import seeds_of
 
 from chunkmask.eval import equivalence_test, holm_adjust, paired_difference
 from chunkmask.testbed import train
@@ -87,14 +88,6 @@ def study_config(seed, quick=False):
 
 
 # ---- running -----------------------------------------------------------------------------------
-
-
-def seeds_of(text):
-    out = []
-    for part in text.split(","):
-        a, _, b = part.partition("-")
-        out += list(range(int(a), int(b or a) + 1))
-    return out
 
 
 def parse(argv=None):

@@ -254,6 +254,7 @@ def test_train_config_bad_field_names_it(field, value, error, match):
         ("train", {"steps": 2}, TypeError, r"`train` must be a TrainConfig, got dict"),
         ("num_objects", 0, ValueError, r"`num_objects` must be > 0, got 0"),
         ("distraction", 1.5, ValueError, r"`distraction` must lie in \[0.0, 1.0\], got 1.5"),
+        ("speed", 0.0, ValueError, r"`speed` must lie in \(0.0, inf\), got 0.0"),
     ],
 )
 def test_demo_config_bad_field_names_it(field, value, error, match):
@@ -531,5 +532,7 @@ def test_prompt_pool_fixes_the_task_states():
         assert len(set(rows)) == 2
     records = train(_policy(), cfg, env_config=ENV).records
     assert [r["step"] for r in records] == [0, 1]
+    with pytest.raises(ValueError, match=r"`prompt_pool` must be > 0, got 0"):
+        prompt_pool_states(_cfg("full"), ENV)  # a run without a pool has no pool states
     with pytest.raises(ValueError, match=r"`prompt_pool` must be 0 or at least `prompts_per_step`=2, got 1"):
         train(_policy(), _cfg("full", prompt_pool=1, prompts_per_step=2), env_config=ENV)

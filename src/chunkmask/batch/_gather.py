@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from chunkmask.batch._selection import Selection
-from chunkmask.batch._shrinking import _check_selection, _map_tree
+from chunkmask.batch._shrinking import _check_selection, _map_tree, leaf_shape_error
 
 
 def gather_chunks(tree: Any, selection: Selection, *, validate_args: bool = False) -> Any:
@@ -69,10 +69,7 @@ def gather_chunks(tree: Any, selection: Selection, *, validate_args: bool = Fals
             return x[rows.to(x.device), selection.indices.to(x.device)]
         if x.ndim == 1 and x.shape[0] == num_traj:
             return x
-        raise ValueError(
-            f"`{path}` must be shaped (traj, N, ...) = ({num_traj}, {num_chunks}, ...) or "
-            f"(traj,) = ({num_traj},), got {tuple(x.shape)}."
-        )
+        raise leaf_shape_error(path, x, num_traj, num_chunks)
 
     return _map_tree(gather, tree, "tree")
 

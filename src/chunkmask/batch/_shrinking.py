@@ -122,12 +122,17 @@ def shrink(
             return x[traj.to(x.device), chunk.to(x.device)]
         if x.ndim == 1 and x.shape[0] == num_traj:
             return x[traj.to(x.device)]
-        raise ValueError(
-            f"`{path}` must be shaped (traj, N, ...) = ({num_traj}, {num_chunks}, ...) or "
-            f"(traj,) = ({num_traj},), got {tuple(x.shape)}."
-        )
+        raise leaf_shape_error(path, x, num_traj, num_chunks)
 
     return _map_tree(gather, tree, "tree")
+
+
+def leaf_shape_error(path: str, x: Tensor, num_traj: int, num_chunks: int) -> ValueError:
+    """The error for a tree leaf that is neither `(traj, N, ...)` nor `(traj,)`."""
+    return ValueError(
+        f"`{path}` must be shaped (traj, N, ...) = ({num_traj}, {num_chunks}, ...) or "
+        f"(traj,) = ({num_traj},), got {tuple(x.shape)}."
+    )
 
 
 def unshrink(
