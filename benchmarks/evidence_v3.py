@@ -5,9 +5,8 @@
     python benchmarks/evidence_v3.py --report docs/reproduction.md
 
 The design (arms, seeds, evaluation, endpoints, margin, multiplicity correction, stopping rule)
-is fixed in `docs/evidence_v3/PLAN.md`, committed before the first seed runs. Until then the
-constants below are a draft that follows the pilot (`docs/evidence_v3/pilot.md`); after it, they
-change only through a deviation that the report lists.
+is fixed in `docs/evidence_v3/PLAN.md`, committed before the first seed ran. The constants below
+are that design; they change only through a deviation that the report lists.
 
 Per seed, one process trains every arm from the same SFT checkpoint, interleaved step by step in
 a shuffled order (`train(..., start_step=k)` one step at a time, which equals an uninterrupted
@@ -38,10 +37,10 @@ from chunkmask.testbed import train
 from chunkmask.testbed.demo import DemoConfig, make_policy, sft_checkpoint
 from chunkmask.testbed.trainer import evaluate, prompt_pool_states
 
-# ---- the design (a draft until docs/evidence_v3/PLAN.md is committed) -------------------------
-STEPS = 60
-CHECKPOINTS = (15, 30, 45, 60)
-EVAL_EPISODES = 1024  # 32 fresh episodes from each of the pool's 32 states
+# ---- the design (docs/evidence_v3/PLAN.md) ------------------------------------------------------
+STEPS = 80
+CHECKPOINTS = (20, 40, 60, 80)
+EVAL_EPISODES = 1024  # 64 fresh episodes from each of the pool's 16 states
 SEEDS = tuple(range(20))
 THRESHOLD = 0.98  # RQ2: 98% of GRPO's final success
 MARGIN_FRACTION = 0.2  # the TOST margin, as a fraction of GRPO's mean gain over SFT
@@ -66,10 +65,19 @@ def _arm(rule, fraction):
     return {**RULES[rule], **knob}
 
 
+# Every rule at ~19% (the paper's B = 12 of 64); at ~37% the paper's rule and its uniform control
+# only (the other four at 37% do not fit the three-session budget: PLAN.md, "Deviations").
+PAIRS = [(rule, "19") for rule in RULES] + [("pcm", "37"), ("random", "37")]
 ARMS = {"grpo": {"selector": "full"}} | {
-    f"{rule}_{fraction}": _arm(rule, fraction) for fraction in FRACTIONS for rule in RULES
+    f"{rule}_{fraction}": _arm(rule, fraction) for rule, fraction in PAIRS
 }
 MASKED = tuple(a for a in ARMS if a != "grpo")
+# fixed in PLAN.md before the first seed; any later deviation is appended here, with its reason
+DEVIATIONS = (
+    "the ~37% family holds only pcm_37 and random_37 (budget: 9 arms fit three sessions, 13 do not)",
+    "GRPO's update share was expected below the issue's 75% (64-74% in the pilot)",
+    "the TOST margin is relative: 0.2 x GRPO's measured mean gain over SFT",
+)
 
 
 def study_config(seed, quick=False):
@@ -195,9 +203,9 @@ def run_seed(seed, args):
                    ckpt_path)
         record["complete"] = stop == design["checkpoints"][-1]
         path.write_text(json.dumps(record, indent=1) + "\n")
-        finals = {n: record["arms"][n]["curve"][-1][1] for n in ("grpo", "pcm_19")}
-        print(f"seed {seed} step {stop}: grpo {finals['grpo']:.3f} pcm_19 {finals['pcm_19']:.3f}"
-              f" (sft {record['sft_success']:.3f})", flush=True)
+        # progress only: the fixed-n design has no interim looks at success (PLAN.md)
+        print(f"seed {seed}: step {stop} of {design['steps']} at "
+              f"{time.strftime('%H:%M:%S')}", flush=True)
     return record
 
 
@@ -290,6 +298,12 @@ def summarize(seeds):
     grpo_update = total("grpo", "update_s")
     grpo_step = grpo_update + total("grpo", "rollout_s")
     out["grpo_update_share"] = ratio(grpo_update, grpo_step)
+    out["validity"] = {
+        "grpo_gain_ci_low_pp": gain.low, "grpo_gain_ci_low_at_least_25": gain.low >= 25.0,
+        "grpo_update_share_at_least_75pct": bool(out["grpo_update_share"] is not None
+                                                 and out["grpo_update_share"] >= 0.75),
+    }
+    out["deviations"] = list(DEVIATIONS)
     tosts = {}
     for name in ARMS:
         values = [_final(s, name) for s in seeds]
@@ -376,6 +390,10 @@ def report(results, page, summary_path, *, quick=False):
         "",
         f"Margin: ±{summary['margin_pp']:.1f} points ({MARGIN_FRACTION:.0%} of GRPO's mean gain). "
         f"GRPO's update share of a step: {100 * summary['grpo_update_share']:.1f}%.",
+        "",
+        "Deviations from the issue's design (PLAN.md):",
+        "",
+        *[f"- {d}" for d in summary["deviations"]],
         "",
     ]
     page.parent.mkdir(parents=True, exist_ok=True)

@@ -449,7 +449,13 @@ def test_evidence_v3_quick_interleaves_resumes_and_reports(bench, tmp_path):
     assert len(row["per_seed_diff_pp"]) == row["seeds"] == 2
     assert row["tost_p_holm"] >= row["tost_p"]
     assert set(summary["rq2"]) == set(study.MASKED)
-    assert (tmp_path / "r.md").read_text().startswith("# Reproduction")
+    page = (tmp_path / "r.md").read_text()
+    assert page.startswith("# Reproduction") and study.DEVIATIONS[0] in page
+    assert summary["validity"]["grpo_gain_ci_low_pp"] == pytest.approx(
+        summary["arms"]["grpo"]["gain_ci95_pp"][0])
+    # the design the plan fixes: 80 steps, four checkpoints, 20 seeds, 8 masked arms in the family
+    assert study.STEPS == study.CHECKPOINTS[-1] == 80 and study.SEEDS == tuple(range(20))
+    assert len(study.MASKED) == 8 and study.EVAL_EPISODES >= 1000
 
 
 def test_evidence_v3_crossing_time_interpolates(bench):
