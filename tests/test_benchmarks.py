@@ -492,3 +492,36 @@ def test_loss_overhead_tiny(bench, tmp_path):
     }
     assert saved["ratio_to_bare"]["bare_surrogate"] == 1.0
     assert all(v > 0 for v in result["median_us"].values())
+
+
+def test_diagnostics_v3_catches_gradients_without_updating(bench):
+    diag = bench("diagnostics_v3")
+    layer = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in layer.parameters()]
+    catcher = diag.GradientCatcher(layer.parameters())
+    layer(torch.ones(4, 3)).sum().backward()
+    catcher.step()
+    assert [g is p.grad for g, p in zip(catcher.caught, layer.parameters(), strict=True)] == [True] * 2
+    assert all(torch.equal(b, p) for b, p in zip(before, layer.parameters(), strict=True))
+    assert torch.allclose(catcher.caught[1], torch.full((2,), 4.0))
+
+
+def test_diagnostics_v3_quick_sketches_every_arm_and_resumes(bench, tmp_path):
+    pytest.importorskip("gymnasium")
+    diag = bench("diagnostics_v3")
+    argv = ["--quick", "--out", str(tmp_path / "o"), "--study-out", str(tmp_path / "s"),
+            "--seeds", "0"]
+    diag.main(argv)
+    batches = sorted((tmp_path / "o" / "seed0").glob("batch*.pt"))
+    assert len(batches) == 3
+    record = torch.load(batches[0], weights_only=False)
+    assert set(record["sketch"]) == set(record["chunks"]) == set(diag.evidence_v3.ARMS)
+    assert record["sketch"]["grpo"].shape == (8192,)
+    # the masked arms back-propagate no more chunks than GRPO on the same batch
+    assert all(record["chunks"][a] <= record["chunks"]["grpo"] for a in diag.evidence_v3.MASKED)
+    stamp = batches[0].stat().st_mtime_ns
+    diag.main(argv)  # resumes: nothing is recomputed
+    assert batches[0].stat().st_mtime_ns == stamp
+    out = diag.main(argv + ["--report", str(tmp_path / "r.json")])
+    assert set(out["mean_over_seeds"]) == set(diag.evidence_v3.MASKED)
+    assert json.loads((tmp_path / "r.json").read_text())["seeds"] == [0]
