@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("gymnasium")  # the `testbed` extra
 
 from chunkmask.testbed.__main__ import main  # noqa: E402
+from chunkmask.testbed.demo import STUDY_ARMS, STUDY_FINDING, DemoConfig  # noqa: E402
 from chunkmask.testbed.env import PickPlaceConfig, PickPlaceVectorEnv, sample_initial_states  # noqa: E402
 from chunkmask.testbed.expert import collect_demonstrations  # noqa: E402
 from chunkmask.testbed.policy import TokenChunkPolicy, actions_to_tokens, tokens_to_actions  # noqa: E402
@@ -183,29 +184,77 @@ def test_horvitz_thompson_estimator_runs():
         train(_policy(), _cfg("random", estimator="horvitz_thompson"), env_config=ENV)
 
 
-def test_main_job_quick_writes_summary(tmp_path):
+def test_main_job_quick_writes_summary(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert main(["--out", str(tmp_path), "--quick", "--no-progress"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["runs"] == list(STUDY_ARMS) == ["grpo", "pcm", "random"]
     for key in ("speedup_to_threshold", "threshold"):
         assert key in summary
-    for key in ("final_success", "time_to_threshold_s", "update_share"):
-        assert key in summary["grpo"] and key in summary["pcm"] and key in summary["pcm_ht"]
+    for name in summary["runs"]:
+        for key in ("final_success", "time_to_threshold_s", "update_share"):
+            assert key in summary[name]
+        assert (tmp_path / f"{name}.jsonl").stat().st_size > 0
     for key in ("speedup_to_threshold", "step_speedup", "final_success_gap_pp"):
-        assert key in summary["pcm"] and key in summary["pcm_ht"]
+        assert key in summary["pcm"] and key in summary["random"]
     assert summary["step_speedup"] == summary["pcm"]["step_speedup"]
-    assert (tmp_path / "pcm_ht.jsonl").stat().st_size > 0
-    assert summary["runs"] == ["grpo", "pcm", "pcm_ht"]
+    # the summary says in one line what the project's study found
+    assert summary["study_finding"] == STUDY_FINDING
+    printed = capsys.readouterr().out
+    assert f"study found: {STUDY_FINDING}" in printed
+    assert sum("study found" in line for line in printed.splitlines()) == 1
 
 
-def test_main_job_quick_without_ht(tmp_path):
+def test_main_job_quick_v2_regime_and_arm_subset(tmp_path):
     pytest.importorskip("matplotlib")
-    assert main(["--out", str(tmp_path), "--quick", "--no-progress", "--no-ht"]) == 0
+    argv = ["--out", str(tmp_path), "--quick", "--no-progress", "--regime", "v2", "--arms", "pcm"]
+    assert main(argv) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["runs"] == ["grpo", "pcm"] and "pcm_ht" not in summary
     assert not (tmp_path / "pcm_ht.jsonl").exists()
     for name in ("success_vs_step", "success_vs_wallclock", "phase_allocation", "captured_v"):
         assert (tmp_path / f"testbed_{name}.png").stat().st_size > 0
+
+
+def test_main_job_rejects_unknown_arm(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--quick", "--arms", "pcm,nope"])
+    assert "--arms: unknown ['nope']" in capsys.readouterr().err
+
+
+def test_study_regime_is_the_v3_study_regime():
+    """`DemoConfig.study` (the main job) and the study's own configuration agree."""
+    import importlib
+    import sys as _sys
+    from pathlib import Path
+
+    _sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        study = importlib.import_module("evidence_v3").study_config(0)
+    finally:
+        _sys.path.pop(0)
+    demo = DemoConfig.study()
+    for field in ("demos", "expert_noise", "sft_steps", "d_model", "depth", "max_steps", "speed",
+                  "num_objects", "distraction"):
+        assert getattr(demo, field) == getattr(study, field), field
+    for field in ("prompts_per_step", "group_size", "mini_batch", "prompt_pool", "lr",
+                  "dynamic_sampling", "temperature", "clip_low", "clip_high", "loss_agg_mode"):
+        assert getattr(demo.train, field) == getattr(study.train, field), field
+    assert demo.train.budget == 5  # the study's ~19% arms
+
+
+@pytest.mark.parametrize(
+    ("arms", "match"),
+    [
+        ({"pcm": {"selector": "pcm"}}, r"`arms` must be a dict of runs that includes 'grpo'"),
+        ({"grpo": {}, "x": {"selectr": "pcm"}}, r"`arms\['x'\]` must be .* \(unknown: \['selectr'\]\)"),
+        ({"grpo": {}, "x": "pcm"}, r"`arms\['x'\]` must be a dict of TrainConfig fields, got 'pcm'"),
+        ({"grpo": {}, "x": {"selector": "nope"}}, r"`selector` must be one of"),
+    ],
+)
+def test_demo_config_rejects_bad_arms(arms, match):
+    with pytest.raises(ValueError, match=match):
+        DemoConfig(arms=arms)
 
 
 @pytest.mark.parametrize(
@@ -258,7 +307,6 @@ def test_train_config_bad_field_names_it(field, value, error, match):
     ],
 )
 def test_demo_config_bad_field_names_it(field, value, error, match):
-    from chunkmask.testbed.demo import DemoConfig
 
     with pytest.raises(error, match=match):
         DemoConfig(**{field: value})

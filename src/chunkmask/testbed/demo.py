@@ -25,9 +25,33 @@ from chunkmask.testbed.trainer import (
     TrainConfig,
     held_out_states,
     make_masker,
+    prompt_pool_states,
     score_phases,
     train,
 )
+
+DEFAULT_ARMS: dict[str, dict[str, Any]] = {
+    "grpo": {"selector": "full"},
+    "pcm": {"selector": "pcm"},  # the paper's masked objective, Eq. 11
+    "pcm_ht": {"selector": "pcm", "estimator": "horvitz_thompson"},
+}
+"""GRPO, the paper's PCM and PCM with the unbiased Horvitz-Thompson estimator."""
+
+STUDY_ARMS: dict[str, dict[str, Any]] = {
+    "grpo": {"selector": "full"},
+    "pcm": {"selector": "pcm"},
+    # The v3 study's best compute-matched variant replaces this arm once the study reports;
+    # until then it is its uniform control at the same budget.
+    "random": {"selector": "random"},
+}
+"""The arms of the main job in the study's regime (`DemoConfig.study`)."""
+
+STUDY_FINDING = (
+    "the v3 study (docs/evidence_v3/PLAN.md: 9 arms, 20 paired seeds) is running; until it "
+    "reports, chunkmask claims no equivalence of any masked update with GRPO (the v2 study "
+    "could not discriminate: docs/reproduction.md)"
+)
+"""One line: what the project's compute-matched study found (printed by the main job)."""
 
 
 @dataclass
@@ -50,8 +74,10 @@ class DemoConfig:
         budget_probe_prompts: prompts of the rollout batch used for the captured-V curve.
         keep_failed_demos: also clone unsuccessful expert episodes (the quick run's episodes are
             too short for the expert to finish).
-        pcm_ht: besides `pcm` (the paper's masked objective, Eq. 11), also run `pcm_ht`: the same
-            masker with the unbiased Horvitz-Thompson estimator (`estimator="horvitz_thompson"`).
+        arms: the runs, by name, each a dict of `TrainConfig` fields that override `train`
+            (all start from the same SFT checkpoint and share prompts and seeds). `"grpo"` (every
+            chunk) must be one of them: it is the reference of the summary. The default is GRPO,
+            the paper's PCM (Eq. 11) and PCM with the Horvitz-Thompson estimator.
         num_objects: objects on the table (the task picks one; `PickPlaceConfig.num_objects`).
         distraction: share of the demonstrations in which the expert puts a wrong object in
             the bin (`collect_demonstrations(distraction=...)`).
@@ -73,7 +99,7 @@ class DemoConfig:
     final_window: int = 3
     budget_probe_prompts: int = 8
     keep_failed_demos: bool = False
-    pcm_ht: bool = True
+    arms: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_ARMS))
     num_objects: int = 1
     distraction: float = 0.0
     speed: float = 1.0
@@ -98,6 +124,20 @@ class DemoConfig:
         check_range(self.threshold_frac, "threshold_frac", low=0.0, high=1.0, low_open=True)
         if not isinstance(self.train, TrainConfig):
             raise TypeError(f"`train` must be a TrainConfig, got {type(self.train).__name__}.")
+        if not isinstance(self.arms, dict) or "grpo" not in self.arms:
+            raise ValueError(
+                f"`arms` must be a dict of runs that includes 'grpo' (the reference), got "
+                f"{self.arms!r}."
+            )
+        known = set(TrainConfig.__dataclass_fields__)
+        for name, overrides in self.arms.items():
+            bad = sorted(set(overrides) - known) if isinstance(overrides, dict) else None
+            if bad is None or bad:
+                raise ValueError(
+                    f"`arms[{name!r}]` must be a dict of TrainConfig fields, got {overrides!r}"
+                    + (f" (unknown: {bad})" if bad else "")
+                )
+            replace(self.train, **overrides).validate()
 
     def env_config(self) -> PickPlaceConfig:
         """The environment of this configuration."""
@@ -109,6 +149,34 @@ class DemoConfig:
             max_turn=base.max_turn * self.speed,
             grip_rate=min(1.0, base.grip_rate * self.speed),
             fall_speed=base.fall_speed * self.speed,
+        )
+
+    @staticmethod
+    def study(steps: int = 40) -> "DemoConfig":
+        """The main job in the v3 study's regime (`docs/evidence_v3/PLAN.md`), `steps` long.
+
+        The task at `speed=2` from 50 demonstrations, a fixed pool of 16 initial states, 8 x 16
+        rollouts per step with dynamic sampling, one AdamW step per batch at lr 3e-5; the masked
+        arms keep B = 5 chunks per trajectory (about 19% of GRPO's, the paper's 12 of 64).
+        Evaluation: 256 episodes from the pool every 10 steps. The arms are `STUDY_ARMS`.
+        """
+        return DemoConfig(
+            demos=50,
+            speed=2.0,
+            max_steps=256,
+            train=TrainConfig(
+                steps=steps,
+                prompts_per_step=8,
+                group_size=16,
+                mini_batch=128,
+                prompt_pool=16,
+                lr=3e-5,
+                budget=5,
+                dynamic_sampling=True,
+                eval_episodes=256,
+                eval_every=10,
+            ),
+            arms=dict(STUDY_ARMS),
         )
 
     @staticmethod
@@ -313,6 +381,8 @@ def format_table(summary: dict[str, Any], names: list[str]) -> str:
             f"{name}: update speedup {s['update_speedup']:.2f}x, "
             f"final-success gap ({name} - GRPO) {s['final_success_gap_pp']:+.1f} pp"
         )
+    if "study_finding" in summary:
+        lines += ["", f"What the project's compute-matched study found: {summary['study_finding']}."]
     return "\n".join(lines)
 
 
@@ -321,10 +391,9 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the main job into `out`; returns (and writes) `out/summary.json`.
 
-    Writes `sft.pt`, `grpo.jsonl`, `pcm.jsonl` (and `pcm_ht.jsonl` when `cfg.pcm_ht`),
-    `summary.json`, `summary.md` and the PNG plots
-    `testbed_success_vs_step.png`, `testbed_success_vs_wallclock.png`,
-    `testbed_phase_allocation.png` and `testbed_captured_v.png`.
+    Writes `sft.pt`, one `NAME.jsonl` per arm of `cfg.arms`, `summary.json`, `summary.md` and
+    the PNG plots `testbed_success_vs_step.png`, `testbed_success_vs_wallclock.png`,
+    `testbed_captured_v.png` and, when a `pcm` arm ran, `testbed_phase_allocation.png`.
     """
     cfg = cfg or DemoConfig()
     out = Path(out)
@@ -333,22 +402,23 @@ def run_demo(
     t0 = time.perf_counter()
     sft_state = sft_checkpoint(cfg, env_cfg, out / "sft.pt", progress=progress)
     sft_s = time.perf_counter() - t0
-    eval_states = held_out_states(cfg.train.eval_episodes, env_cfg)
+    if cfg.train.prompt_pool > 0:  # the task is the pool: evaluate on episodes from it
+        pool = prompt_pool_states(replace(cfg.train, seed=cfg.seed), env_cfg)
+        eval_states = pool.take(torch.arange(cfg.train.eval_episodes) % pool.num)
+    else:
+        eval_states = held_out_states(cfg.train.eval_episodes, env_cfg)
 
     probe_policy = make_policy(cfg, env_cfg)
     probe_policy.load_state_dict(sft_state)
     probe = captured_v_curve(probe_policy, cfg, env_cfg)
 
     runs: dict[str, list[dict[str, Any]]] = {}
-    plan = [("grpo", "full", "masked"), ("pcm", "pcm", "masked")]
-    if cfg.pcm_ht:
-        plan.append(("pcm_ht", "pcm", "horvitz_thompson"))
-    for name, selector, estimator in plan:
+    for name, overrides in cfg.arms.items():
         log_path = out / f"{name}.jsonl"
         log_path.unlink(missing_ok=True)
         policy = make_policy(cfg, env_cfg)
         policy.load_state_dict(sft_state)
-        train_cfg = replace(cfg.train, selector=selector, estimator=estimator, seed=cfg.seed)
+        train_cfg = replace(cfg.train, **overrides, seed=cfg.seed)
         result = train(
             policy,
             train_cfg,
@@ -369,6 +439,7 @@ def run_demo(
     summary["captured_v"] = probe
     summary["config"] = asdict(cfg)
     summary["threads"] = torch.get_num_threads()
+    summary["study_finding"] = STUDY_FINDING
 
     plot_success(
         runs, out / "testbed_success_vs_step.png", x="step", threshold=summary["threshold"]
@@ -376,7 +447,8 @@ def run_demo(
     plot_success(
         runs, out / "testbed_success_vs_wallclock.png", x="wall", threshold=summary["threshold"]
     )
-    plot_phase_allocation(runs["pcm"], out / "testbed_phase_allocation.png", title="PCM")
+    if "pcm" in runs:
+        plot_phase_allocation(runs["pcm"], out / "testbed_phase_allocation.png", title="PCM")
     plot_captured_v(
         probe["curve_x"],
         probe["curve_y"],
