@@ -21,6 +21,9 @@ Usage::
 
     # CPU, no weights, seconds: a tiny random VLA with the same token interface
     python examples/libero/train.py --smoke --out /tmp/libero_smoke
+    # CPU, no weights, ~2 min: the real OpenVLA-OFT architecture (tiny random config) on real
+    # LIBERO (needs the extra install of docs/libero.md, 'The real architecture')
+    MUJOCO_GL=egl python examples/libero/train.py --tiny-real --out /tmp/libero_tiny_real
     # 1 x H100
     MUJOCO_GL=egl python examples/libero/train.py --checkpoint /ckpt/openvla-7b-oft-libero-spatial \\
         --unnorm-key libero_spatial_no_noops --suite spatial --out runs/spatial
@@ -49,9 +52,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from libero_envs import MAX_STEPS, NUM_INIT_STATES, NUM_TASKS, make_env  # noqa: E402
+from oft_real import ACTION_HEADS, ATTENTIONS  # noqa: E402
 from vla_policy import (  # noqa: E402
     build_openvla_oft_policy,
     build_smoke_policy,
+    build_tiny_real_policy,
     lora_state_dict,
 )
 
@@ -80,6 +85,9 @@ class Config:
     checkpoint: str | None = None
     unnorm_key: str | None = None
     decode: str = "parallel"
+    action_attention: str = "bidirectional"  # OFT paths only; the --smoke stand-in is causal
+    action_head: str = "tokens"  # "l1": OFT's L1 regression head under a fixed-std Gaussian
+    l1_std: float = 0.1
     lora_r: int = 32
     lora_alpha: int = 32
     prompt_len: int = 64
@@ -123,6 +131,7 @@ class Config:
     out: str = "runs/libero"
     resume: bool = False
     smoke: bool = False
+    tiny_real: bool = False
     progress: bool = True
     log_all_ranks: bool = False
     init_method: str = "env://"
@@ -155,6 +164,39 @@ def smoke_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, **changes)
 
 
+def tiny_real_config(cfg: Config) -> Config:
+    """Two GRPO + PCM steps of the real OFT architecture (tiny, random) on real LIBERO, on a CPU.
+
+    One prompt x 2 rollouts, episodes of 4 chunks (32 steps), PCM B = 2 of 4, renders at 64 x 64
+    (resized to the backbones' 224); dynamic sampling keeps every group (a random policy never
+    succeeds, and the update must still run). Only fields at their defaults change.
+    """
+    defaults = Config()
+    tiny = dict(
+        env="libero",
+        prompt_len=32,
+        image_size=64,
+        max_chunks=4,
+        max_steps=4 * cfg.chunk_steps,
+        prompts_per_step=1,
+        rollouts_per_prompt=2,
+        budget=2,
+        refresh_every=1,
+        micro_batch=2,
+        lora_r=8,
+        lora_alpha=8,
+        lr=1e-3,
+        ds_low=0.0,
+        ds_high=1.0,
+        steps=2,
+        eval_every=2,
+        eval_episodes=1,
+        save_every=1,
+    )
+    changes = {k: v for k, v in tiny.items() if getattr(cfg, k) == getattr(defaults, k)}
+    return dataclasses.replace(cfg, **changes)
+
+
 def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Config()
@@ -168,7 +210,27 @@ def parse_args(argv: list[str] | None) -> Config:
             kind = kinds[0] if kinds else field.type  # `int | None` -> int
             parser.add_argument(name, type=kind, default=value)
     cfg = Config(**vars(parser.parse_args(argv)))
+    check_model_options(cfg)
+    if cfg.tiny_real:
+        return tiny_real_config(cfg)
     return smoke_config(cfg) if cfg.smoke else cfg
+
+
+def check_model_options(cfg: Config) -> None:
+    """Raise ValueError on contradictory or unknown model options."""
+    if cfg.smoke and cfg.tiny_real:
+        raise ValueError("`--smoke` and `--tiny-real` are exclusive, got both.")
+    if cfg.action_attention not in ATTENTIONS:
+        raise ValueError(
+            f"`action_attention` must be one of {ATTENTIONS}, got {cfg.action_attention!r}."
+        )
+    if cfg.action_head not in ACTION_HEADS:
+        raise ValueError(f"`action_head` must be one of {ACTION_HEADS}, got {cfg.action_head!r}.")
+    if cfg.action_head == "l1" and not cfg.tiny_real:
+        raise ValueError(
+            "`action_head` 'l1' is only wired for `--tiny-real` (a checkpoint's head is not "
+            f"loaded here), got it with smoke={cfg.smoke}, checkpoint={cfg.checkpoint!r}."
+        )
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -497,9 +559,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             lora_alpha=cfg.lora_alpha,
             decode=cfg.decode,
         )
+    elif cfg.tiny_real:
+        log(
+            "[model] tiny-real: OpenVLAForActionPrediction (openvla-oft's code), tiny random "
+            f"config, action head {cfg.action_head}, {cfg.action_attention} action attention"
+        )
+        policy = build_tiny_real_policy(
+            codec,
+            prompt_len=cfg.prompt_len,
+            lora_r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            attention=cfg.action_attention,
+            action_head=cfg.action_head,
+            l1_std=cfg.l1_std,
+            seed=cfg.seed,
+        )
     else:
         if not cfg.checkpoint or not cfg.unnorm_key:
-            raise ValueError("`--checkpoint` and `--unnorm-key` are required unless `--smoke`.")
+            raise ValueError(
+                "`--checkpoint` and `--unnorm-key` are required unless `--smoke` or `--tiny-real`."
+            )
         log(
             f"[model] OpenVLA-OFT from {cfg.checkpoint}, LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}"
         )
@@ -511,6 +590,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             lora_alpha=cfg.lora_alpha,
             prompt_len=cfg.prompt_len,
             decode=cfg.decode,
+            attention=cfg.action_attention,
         )
     model = policy.model.to(dist.device)
     if cfg.grad_ckpt:

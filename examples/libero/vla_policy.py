@@ -22,6 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 from libero_envs import model_to_env_gripper
+from oft_real import (
+    ACTION_HEADS,
+    BOS_ID,
+    EMPTY_ID,
+    OFTActionModel,
+    TinyOFTSize,
+    build_l1_head,
+    build_tiny_oft,
+    dinosiglip_image_processor,
+    end_with_empty_token,
+    to_oft_layout,
+)
 from torch import Tensor, nn
 
 from chunkmask import ActionTokenizer
@@ -105,19 +117,33 @@ def _output_cache(out: Any) -> Any:
 
 
 class HashPromptTokenizer:
-    """Deterministic word-hash tokenizer for the smoke model (ids in [3, 31744), left padded)."""
+    """Deterministic word-hash tokenizer for the random models (ids in [3, 31744), left padded).
 
-    def __init__(self, length: int) -> None:
-        self.length = length
+    Layouts: ``"left"`` is ``[PAD..., BOS, words]``; ``"oft"`` is ``[BOS, PAD..., words, ""]``,
+    the layout the real OFT model needs (Prismatic puts the image patches after position 0, and
+    OFT's prompts end with the "" token 29871), see `oft_real.to_oft_layout`.
+    """
+
+    def __init__(self, length: int, layout: str = "left") -> None:
+        if layout not in ("left", "oft"):
+            raise ValueError(f"`layout` must be 'left' or 'oft', got {layout!r}.")
+        if not isinstance(length, int) or length < (3 if layout == "oft" else 1):
+            raise ValueError(f"`length` must be an int >= 3 for 'oft', >= 1 else; got {length!r}.")
+        self.length, self.layout = length, layout
 
     def __call__(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         ids = torch.full((len(texts), self.length), PAD_ID, dtype=torch.long)
         mask = torch.zeros(len(texts), self.length, dtype=torch.long)
         for row, text in enumerate(texts):
-            words = [1] + [3 + zlib.crc32(w.encode()) % 31000 for w in text.split()]
-            words = words[-self.length :]
+            body = [3 + zlib.crc32(w.encode()) % 31000 for w in text.split()]
+            if self.layout == "oft":
+                words = [BOS_ID] + body[-(self.length - 2) :] + [EMPTY_ID]
+            else:
+                words = ([BOS_ID] + body)[-self.length :]
             ids[row, self.length - len(words) :] = torch.tensor(words)
             mask[row, self.length - len(words) :] = 1
+        if self.layout == "oft":
+            ids, mask = to_oft_layout(ids, mask, PAD_ID)
         return ids, mask
 
 
@@ -134,6 +160,8 @@ class ChunkTokenPolicy:
             0 = close, 1 = open.
         chunk_steps, action_dim: `H` and `D`.
         decode: ``"parallel"`` or ``"autoregressive"``.
+        image_keys: the observation's cameras passed, in order, to `image_processor`
+            (``("image",)``; ``("image", "wrist")`` for OFT's two-image input).
     """
 
     def __init__(
@@ -147,6 +175,7 @@ class ChunkTokenPolicy:
         chunk_steps: int = 8,
         action_dim: int = 7,
         decode: str = "autoregressive",
+        image_keys: tuple[str, ...] = ("image",),
     ) -> None:
         if decode not in ("parallel", "autoregressive"):
             raise ValueError(f"`decode` must be 'parallel' or 'autoregressive', got {decode!r}.")
@@ -158,13 +187,14 @@ class ChunkTokenPolicy:
         self.norm_mask = torch.as_tensor(np.asarray(norm_stats["mask"]), dtype=torch.bool)
         self.chunk_steps, self.action_dim, self.decode = chunk_steps, action_dim, decode
         self.tokens_per_chunk = chunk_steps * action_dim
+        self.image_keys = tuple(image_keys)
 
     # ----------------------------------------------------------------- inputs
     def prepare(self, obs: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
         """Model inputs of one observation batch (what is stored per chunk for the update)."""
         prompts = [PROMPT.format(text.lower()) for text in obs["instruction"]]
         input_ids, attention_mask = self.prompt_tokenizer(prompts)
-        pixel_values = self.image_processor(obs["image"])
+        pixel_values = self.image_processor(*(obs[key] for key in self.image_keys))
         return {
             "input_ids": input_ids.to(device),
             "attention_mask": attention_mask.to(device),
@@ -253,11 +283,81 @@ class ChunkTokenPolicy:
         is converted once to LIBERO's convention (-1 open, +1 close).
         """
         norm = self.codec.decode(tokens).view(-1, self.chunk_steps, self.action_dim)
+        return norm, self.env_actions(norm)
+
+    def env_actions(self, norm: Tensor) -> Tensor:
+        """Normalised `(B, H, D)` actions -> environment actions (q01/q99, LIBERO's gripper)."""
         q01, q99, m = (t.to(norm.device) for t in (self.q01, self.q99, self.norm_mask))
         raw = torch.where(m, 0.5 * (norm + 1.0) * (q99 - q01) + q01, norm)
         env = raw.clone()
         env[..., -1] = model_to_env_gripper(raw[..., -1])
-        return norm, env
+        return env
+
+
+class ChunkGaussianL1Policy(ChunkTokenPolicy):
+    """OFT's L1 regression head as the mean of a fixed-std Gaussian, for RL log-probs.
+
+    The head (`L1RegressionActionHead`) predicts one normalised chunk `(8, 7)` deterministically,
+    so it has no likelihood of its own. Here a sampled chunk is ``a = mu + std * eps`` per
+    dimension, with `mu` the head's output and a fixed `std`; the 56 per-dimension Gaussian
+    log-densities take the place of the 56 token log-probs (the same `(B, 56)` shape, so GRPO
+    and PCM run unchanged). The sampling temperature is not used (`std` is the exploration
+    knob); the entropy is the Gaussian's, a constant, so the entropy bonus has no gradient.
+    `greedy` returns `mu`. The stored "tokens" are the unclipped normalised samples; the
+    environment gets them clipped to [-1, 1].
+
+    Args:
+        std: the Gaussian's standard deviation in normalised action units, > 0.
+        (the rest as `ChunkTokenPolicy`; decoding is OFT's parallel one.)
+    """
+
+    def __init__(self, *args: Any, std: float, **kwargs: Any) -> None:
+        kwargs["decode"] = "parallel"
+        super().__init__(*args, **kwargs)
+        if isinstance(std, bool) or not isinstance(std, int | float) or not std > 0:
+            raise ValueError(f"`std` must be a positive number, got {std!r}.")
+        self.std = float(std)
+
+    def action_mean(self, inputs: dict[str, Tensor], *, train: bool = False) -> Tensor:
+        """`(B, 56)` normalised chunk predicted by the L1 head (teacher-forcing free)."""
+        model = self.train_model if train else self.model
+        out = model(**self._action_inputs(inputs, None))
+        if getattr(out, "actions", None) is None:
+            raise TypeError("`model` must be an OFTActionModel with an `action_head`.")
+        return out.actions.reshape(out.actions.shape[0], self.tokens_per_chunk)
+
+    def _gaussian(self, mean: Tensor) -> torch.distributions.Normal:
+        return torch.distributions.Normal(mean.float(), self.std)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        inputs: dict[str, Tensor],
+        *,
+        temperature: float,
+        generator: torch.Generator | None = None,
+        greedy: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """`(B, 56)` normalised samples and their Gaussian log-densities (temperature unused)."""
+        mean = self.action_mean(inputs).float()
+        if greedy:
+            actions = mean
+        else:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+            actions = mean + self.std * noise
+        return actions, self._gaussian(mean).log_prob(actions)
+
+    def log_prob(
+        self, inputs: dict[str, Tensor], tokens: Tensor, *, temperature: float
+    ) -> tuple[Tensor, Tensor]:
+        """`(M, 56)` Gaussian log-densities of the stored samples and the (constant) entropy."""
+        dist = self._gaussian(self.action_mean(inputs, train=True))
+        return dist.log_prob(tokens.float()), dist.entropy()
+
+    def actions(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """`(B, 56)` samples -> clipped normalised actions and environment actions, `(B, H, D)`."""
+        norm = tokens.float().clamp(-1.0, 1.0).view(-1, self.chunk_steps, self.action_dim)
+        return norm, self.env_actions(norm)
 
 
 def smoke_image_processor(size: int) -> Any:
@@ -315,6 +415,58 @@ def build_smoke_policy(
     )
 
 
+TINY_REAL_STATS = {
+    "q01": [-1.0] * 6 + [0.0],
+    "q99": [1.0] * 6 + [1.0],
+    "mask": [True] * 6 + [False],
+}
+
+
+def build_tiny_real_policy(
+    codec: ActionTokenizer,
+    *,
+    prompt_len: int,
+    lora_r: int,
+    lora_alpha: int,
+    attention: str = "bidirectional",
+    action_head: str = "tokens",
+    l1_std: float = 0.1,
+    size: TinyOFTSize | None = None,
+    image_size: int = 224,
+    seed: int = 0,
+) -> ChunkTokenPolicy:
+    """The real `OpenVLAForActionPrediction` at a tiny random config, LoRA on all linear layers.
+
+    `action_head` ``"tokens"``: the 256-bin token head (`ChunkTokenPolicy`); ``"l1"``: OFT's
+    `L1RegressionActionHead` (trained in full, as OFT does) under a fixed-std Gaussian
+    (`ChunkGaussianL1Policy`). Two cameras (agent view and wrist), as OFT's LIBERO checkpoints.
+    """
+    if action_head not in ACTION_HEADS:
+        raise ValueError(f"`action_head` must be one of {ACTION_HEADS}, got {action_head!r}.")
+    size = TinyOFTSize() if size is None else size
+    stats = {"libero_spatial_no_noops": {"action": TINY_REAL_STATS}}
+    oft = build_tiny_oft(size, stats, seed=seed)
+    inject_lora(oft, r=lora_r, alpha=lora_alpha, targets="all-linear")
+    with torch.no_grad():  # non-zero LoRA B, so that one update changes the policy visibly
+        gen = torch.Generator().manual_seed(seed)
+        for name, param in oft.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    head = build_l1_head(size.hidden, seed=seed) if action_head == "l1" else None
+    model = OFTActionModel(oft, attention=attention, action_head=head)
+    common = dict(
+        model=model,
+        codec=codec,
+        prompt_tokenizer=HashPromptTokenizer(prompt_len, layout="oft"),
+        image_processor=dinosiglip_image_processor(image_size),
+        norm_stats=TINY_REAL_STATS,
+        image_keys=("image", "wrist")[: size.num_images],
+    )
+    if head is not None:
+        return ChunkGaussianL1Policy(**common, std=l1_std)
+    return ChunkTokenPolicy(**common, decode="parallel")
+
+
 def build_openvla_oft_policy(
     path: str,
     codec: ActionTokenizer,
@@ -325,12 +477,20 @@ def build_openvla_oft_policy(
     dtype: torch.dtype = torch.bfloat16,
     prompt_len: int = 64,
     decode: str = "parallel",
+    attention: str = "bidirectional",
 ) -> ChunkTokenPolicy:
     """OpenVLA-OFT from a local checkpoint (``trust_remote_code``) with LoRA ``r = alpha = 32``.
 
-    Not run here (no weights, no GPU). The remote code of openvla-oft targets the transformers
-    version it pins; use that version for real runs.
+    The token path, through `OFTActionModel` (labels, action attention, BOS-first padding) as in
+    `--tiny-real`; the cameras follow the checkpoint's ``num_images_in_input``. Not run here (no
+    weights, no GPU); needs transformers 4.40.x, the version openvla-oft pins.
+
+    Raises:
+        ValueError: if `decode` is not ``"parallel"`` (Prismatic's cached generation takes one
+            sample at a time, and OFT was trained for parallel decoding).
     """
+    if decode != "parallel":
+        raise ValueError(f"`decode` must be 'parallel' for OpenVLA-OFT, got {decode!r}.")
     import transformers
     from transformers import AutoProcessor
 
@@ -338,10 +498,11 @@ def build_openvla_oft_policy(
         getattr(transformers, "AutoModelForVision2Seq", None)
         or transformers.AutoModelForImageTextToText
     )
-    model = auto.from_pretrained(
+    oft = auto.from_pretrained(
         path, torch_dtype=dtype, trust_remote_code=True, low_cpu_mem_usage=True
     )
-    inject_lora(model, r=lora_r, alpha=lora_alpha, targets="all-linear")
+    inject_lora(oft, r=lora_r, alpha=lora_alpha, targets="all-linear")
+    model = OFTActionModel(oft, attention=attention)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     tokenizer = processor.tokenizer
 
@@ -354,14 +515,27 @@ def build_openvla_oft_policy(
             padding_side="left",
             return_tensors="pt",
         )
-        return enc["input_ids"], enc["attention_mask"]
+        ids, mask = end_with_empty_token(enc["input_ids"], enc["attention_mask"], PAD_ID)
+        return to_oft_layout(ids, mask, PAD_ID)
 
-    def image_processor(images: np.ndarray) -> Tensor:
+    def image_processor(*cameras: np.ndarray) -> Tensor:
         from PIL import Image
 
-        pil = [Image.fromarray(img) for img in images]
-        return processor.image_processor(pil, return_tensors="pt")["pixel_values"].to(dtype)
+        out = []
+        for images in cameras:
+            pil = [Image.fromarray(img) for img in images]
+            out.append(processor.image_processor(pil, return_tensors="pt")["pixel_values"])
+        return torch.cat(out, 1).to(dtype)
 
-    stats = model.norm_stats[unnorm_key]["action"]
+    cameras = oft.vision_backbone.get_num_images_in_input()
+    stats = oft.norm_stats[unnorm_key]["action"]
     stats = {"q01": stats["q01"], "q99": stats["q99"], "mask": stats.get("mask", [True] * 7)}
-    return ChunkTokenPolicy(model, codec, prompt_tokenizer, image_processor, stats, decode=decode)
+    return ChunkTokenPolicy(
+        model,
+        codec,
+        prompt_tokenizer,
+        image_processor,
+        stats,
+        decode=decode,
+        image_keys=("image", "wrist")[:cameras],
+    )
