@@ -432,7 +432,6 @@ def build_tiny_real_policy(
     action_head: str = "tokens",
     l1_std: float = 0.1,
     size: TinyOFTSize | None = None,
-    image_size: int = 224,
     seed: int = 0,
 ) -> ChunkTokenPolicy:
     """The real `OpenVLAForActionPrediction` at a tiny random config, LoRA on all linear layers.
@@ -458,7 +457,7 @@ def build_tiny_real_policy(
         model=model,
         codec=codec,
         prompt_tokenizer=HashPromptTokenizer(prompt_len, layout="oft"),
-        image_processor=dinosiglip_image_processor(image_size),
+        image_processor=dinosiglip_image_processor(size.image_size),
         norm_stats=TINY_REAL_STATS,
         image_keys=("image", "wrist")[: size.num_images],
     )
