@@ -223,3 +223,29 @@ def test_tiny_real_run_on_real_libero(tmp_path):
         assert r["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
         assert r["rollout_s"] > 0 and r["update_s"] > 0
     assert lines[0]["param_checksum"] != lines[1]["param_checksum"]
+
+
+def test_backward_benchmark_runs_and_reports_ratios(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import libero_real_backward as bench
+
+    out = tmp_path / "bench.json"
+    args = ["--configs", "tiny", "--chunks", "4", "--budget", "1", "--repeats", "1",
+            "--image-size", "32", "--prompt-len", "16", "--threads", "1", "--out", str(out)]
+    result = bench.main(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    tiny = result["configs"]["tiny"]
+    assert tiny["limit"] == 0.25
+    full, pcm = tiny["median"]["full"], tiny["median"]["pcm"]
+    # PCM saves strictly fewer bytes than the full update, and at least B/N of them (the
+    # activations scale with the chunks kept; the LoRA weights' saved inputs do not shrink).
+    assert 0 < pcm["saved_bytes"] < full["saved_bytes"]
+    assert tiny["ratio_pcm_over_full"]["saved_bytes"] >= 0.25 - 1e-9
+    assert tiny["ratio_pcm_over_full"]["saved_bytes"] == pytest.approx(
+        pcm["saved_bytes"] / full["saved_bytes"]
+    )
+    assert tiny["config"]["patches_per_sample"] == 2 * 4  # two 32 px images of 2 x 2 patches
+    with pytest.raises(ValueError, match="`budget` must be in"):
+        bench.parse(["--chunks", "4", "--budget", "5"])
+    with pytest.raises(ValueError, match="`repeats` must be >= 1"):
+        bench.parse(["--repeats", "0"])
