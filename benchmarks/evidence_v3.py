@@ -72,6 +72,7 @@ ARMS = {"grpo": {"selector": "full"}} | {
     f"{rule}_{fraction}": _arm(rule, fraction) for rule, fraction in PAIRS
 }
 MASKED = tuple(a for a in ARMS if a != "grpo")
+DIAGNOSTICS = Path("benchmarks/results/evidence_v3/diagnostics_prediction.json")
 # fixed in PLAN.md before the first seed; any later deviation is appended here, with its reason
 DEVIATIONS = (
     "the ~37% family holds only pcm_37 and random_37 (budget: 9 arms fit three sessions, 13 do not)",
@@ -109,6 +110,9 @@ def parse(argv=None):
     p.add_argument("--report", type=Path, default=None, help="write the report page here")
     p.add_argument("--summary", type=Path, default=None,
                    help="the report's JSON (default: RESULTS.json beside RESULTS)")
+    p.add_argument("--diagnostics", type=Path, default=DIAGNOSTICS,
+                   help="benchmarks/diagnostics_v3.py's prediction JSON, compared with the "
+                        "measured arms when it exists (PLAN.md, secondary analysis)")
     return p.parse_args(argv)
 
 
@@ -340,7 +344,89 @@ def summarize(seeds):
     return out
 
 
-def report(results, page, summary_path, *, quick=False):
+def _ranks(values):
+    """Ranks 1..n of `values`, ties given their average rank."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    for v in np.unique(values):
+        tied = values == v
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x, y):
+    """Spearman's rank correlation (Pearson's r of the average ranks); None if a side is constant."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"`x` and `y` must have one length >= 2, got {len(x)} and {len(y)}.")
+    rx, ry = _ranks(x), _ranks(y)
+    sx, sy = rx.std(), ry.std()
+    if sx == 0 or sy == 0:
+        return None
+    return float(((rx - rx.mean()) * (ry - ry.mean())).mean() / (sx * sy))
+
+
+def compare_diagnostics(summary, prediction):
+    """PLAN.md's secondary analysis: does the diagnostics' prediction rank the arms as measured?
+
+    Per masked arm, the prediction (`diagnostics_v3.py`, mean over its seeds) gives the per-step
+    efficiency (how much of GRPO's per-step progress the arm's update makes) and the efficiency
+    per unit of backward compute (divided by the chunk fraction). The measured counterparts are
+    the arm's gain over SFT as a fraction of GRPO's, at the same number of steps, and that
+    fraction over the arm's measured chunk fraction. Reported: Spearman's rank correlation of
+    each pair over the arms, and, per arm, whether the prediction is below 1 (the arm should fall
+    short of GRPO) against whether the measured difference's 95% CI lies below 0.
+    """
+    grpo_gain = summary["arms"]["grpo"]["gain_vs_sft_pp"]
+    rows, pred, meas, pred_c, meas_c = {}, [], [], [], []
+    for name in MASKED:
+        p = prediction["mean_over_seeds"].get(name)
+        r = summary["arms"][name]
+        if p is None or p.get("efficiency") is None or not grpo_gain or not r["chunk_fraction"]:
+            continue
+        relative = r["gain_vs_sft_pp"] / grpo_gain
+        rows[name] = {
+            "predicted_efficiency": p["efficiency"],
+            "predicted_efficiency_per_compute": p.get("efficiency_per_compute"),
+            "measured_relative_gain": relative,
+            "measured_relative_gain_per_compute": relative / r["chunk_fraction"],
+            "predicted_short_of_grpo": p["efficiency"] < 1.0,
+            "measured_short_of_grpo": r["diff_ci95_pp"][1] < 0.0,
+        }
+        pred.append(p["efficiency"])
+        meas.append(relative)
+        if p.get("efficiency_per_compute") is not None:
+            pred_c.append(p["efficiency_per_compute"])
+            meas_c.append(relative / r["chunk_fraction"])
+    enough = len(rows) >= 3
+    return {
+        "arms": rows,
+        "spearman_efficiency": spearman(pred, meas) if enough else None,
+        "spearman_per_compute": spearman(pred_c, meas_c) if len(pred_c) >= 3 else None,
+        "short_of_grpo_agreement": (
+            sum(r["predicted_short_of_grpo"] == r["measured_short_of_grpo"] for r in rows.values())
+            / len(rows) if rows else None
+        ),
+        "prediction_seeds": prediction.get("seeds"),
+    }
+
+
+def main_job_variant(summary):
+    """The arm the main job shows beside GRPO and the paper's PCM (fixed before the report).
+
+    Among the ~19% arms other than `pcm_19` (the main job runs at the paper's fraction), the one
+    with the highest mean final success; a tie goes to the smaller chunk fraction, then the name.
+    """
+    candidates = [n for n in MASKED if n.endswith("_19") and n != "pcm_19"]
+    if not candidates:
+        raise ValueError(f"no ~19% arm other than pcm_19 among {list(MASKED)}")
+    arms = summary["arms"]
+    return max(candidates, key=lambda n: (arms[n]["final_success_pp"],
+                                          -(arms[n]["chunk_fraction"] or 0.0), n))
+
+
+def report(results, page, summary_path, *, quick=False, diagnostics=None):
     """Write the report page and its JSON; only once every pre-registered seed is complete.
 
     The stopping rule is a fixed n with no interim looks: before all of `SEEDS` are complete
@@ -361,6 +447,9 @@ def report(results, page, summary_path, *, quick=False):
     else:
         seeds = [s for s in seeds if s["seed"] in SEEDS]
     summary = summarize(seeds)
+    summary["main_job_variant"] = main_job_variant(summary)
+    if diagnostics is not None and diagnostics.exists():
+        summary["diagnostics"] = compare_diagnostics(summary, json.loads(diagnostics.read_text()))
     summary_path.write_text(json.dumps(summary, indent=1) + "\n")
     lines = [
         "| arm | chunk fraction | final success | gain vs SFT [95% CI] | diff vs GRPO [95% CI] "
@@ -396,6 +485,31 @@ def report(results, page, summary_path, *, quick=False):
         *[f"- {d}" for d in summary["deviations"]],
         "",
     ]
+    diag = summary.get("diagnostics")
+    if diag is not None:
+        def num(x, fmt):
+            return "n/a" if x is None else format(x, fmt)
+
+        lines += [
+            "",
+            "## Do the diagnostics predict learning? (secondary, descriptive)",
+            "",
+            f"Prediction: `{diagnostics}` (seeds {diag['prediction_seeds']}). Spearman's rank "
+            f"correlation over the arms: {num(diag['spearman_efficiency'], '+.2f')} per step, "
+            f"{num(diag['spearman_per_compute'], '+.2f')} per unit of backward compute; the "
+            "prediction below 1 agrees with a measured CI below 0 for "
+            f"{num(diag['short_of_grpo_agreement'], '.0%')} of the arms.",
+            "",
+            "| arm | predicted efficiency | measured gain / GRPO's | predicted per compute "
+            "| measured per compute |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in diag["arms"].items():
+            lines.append(
+                f"| {name} | {r['predicted_efficiency']:.3f} | {r['measured_relative_gain']:.3f} "
+                f"| {num(r['predicted_efficiency_per_compute'], '.3f')} "
+                f"| {r['measured_relative_gain_per_compute']:.3f} |"
+            )
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(head + lines) + "\n")
     return summary
@@ -406,7 +520,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.report is not None:
         summary = args.summary or args.results.with_suffix(".json")
-        return report(args.results, args.report, summary, quick=args.quick)
+        return report(args.results, args.report, summary, quick=args.quick,
+                      diagnostics=args.diagnostics)
     for seed in args.seeds:
         run_seed(seed, args)
     return None

@@ -466,6 +466,64 @@ def test_evidence_v3_crossing_time_interpolates(bench):
     assert evidence_v3._crossing_time([10.0, 20.0], [30.0, 50.0], 10.0, 60.0) is None
 
 
+def test_evidence_v3_spearman_matches_the_definition(bench):
+    study = bench("evidence_v3")
+    # no ties: 1 - 6 sum d^2 / (n (n^2 - 1)); ranks (1,2,3,4,5) against (2,1,4,3,5): d^2 sum 4
+    assert study.spearman([1, 2, 3, 4, 5], [20, 10, 40, 30, 50]) == pytest.approx(1 - 24 / 120)
+    assert study.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # ties take their average rank, and Spearman is invariant under monotone maps of either side
+    x, y = [1.0, 2.0, 2.0, 5.0, 7.0, 7.0], [0.3, 0.1, 0.9, 0.4, 0.8, 0.2]
+    assert list(study._ranks(x)) == [1.0, 2.5, 2.5, 4.0, 5.5, 5.5]
+    assert study.spearman(x, y) == pytest.approx(study.spearman([v**3 for v in x], [2 * v for v in y]))
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert study.spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
+    assert study.spearman([1, 1, 1], [1, 2, 3]) is None
+    with pytest.raises(ValueError, match="one length >= 2"):
+        study.spearman([1, 2], [1, 2, 3])
+
+
+def test_evidence_v3_compares_the_diagnostics_with_the_measured_arms(bench):
+    study = bench("evidence_v3")
+    names = list(study.MASKED)
+    # measured: arm k gains (k + 1) / 10 of GRPO's 20 points; the first half fall short of GRPO
+    arms = {"grpo": {"gain_vs_sft_pp": 20.0}}
+    for k, name in enumerate(names):
+        short = k < len(names) // 2
+        arms[name] = {"gain_vs_sft_pp": 2.0 * (k + 1), "chunk_fraction": 0.2,
+                      "diff_ci95_pp": [-9.0, -1.0] if short else [-3.0, 3.0]}
+    # predicted: the same order (Spearman 1), below 1 for the same half
+    prediction = {"seeds": [0, 1, 2], "mean_over_seeds": {
+        name: {"efficiency": 0.5 + 0.1 * k if k < len(names) // 2 else 1.0 + 0.1 * k,
+               "efficiency_per_compute": 5.0 * (0.5 + 0.1 * k)}
+        for k, name in enumerate(names)}}
+    out = study.compare_diagnostics({"arms": arms}, prediction)
+    assert out["spearman_efficiency"] == pytest.approx(1.0)
+    assert out["spearman_per_compute"] == pytest.approx(1.0)
+    assert out["short_of_grpo_agreement"] == 1.0
+    first = out["arms"][names[0]]
+    assert first["measured_relative_gain"] == pytest.approx(0.1)
+    assert first["measured_relative_gain_per_compute"] == pytest.approx(0.5)
+    # reversing the prediction's order reverses the correlation; flipping one verdict costs 1/n
+    prediction["mean_over_seeds"] = {
+        name: {"efficiency": 2.0 - 0.1 * k, "efficiency_per_compute": None}
+        for k, name in enumerate(names)}
+    out = study.compare_diagnostics({"arms": arms}, prediction)
+    assert out["spearman_efficiency"] == pytest.approx(-1.0)
+    assert out["spearman_per_compute"] is None
+    assert out["short_of_grpo_agreement"] == pytest.approx(0.5)
+
+
+def test_evidence_v3_main_job_variant_rule(bench):
+    study = bench("evidence_v3")
+    arms = {n: {"final_success_pp": 50.0, "chunk_fraction": 0.19} for n in study.MASKED}
+    arms["pcm_19"]["final_success_pp"] = 90.0  # the paper's rule is shown anyway: never chosen
+    arms["random_37"]["final_success_pp"] = 80.0  # another fraction: never chosen
+    arms["pods_19"]["final_success_pp"] = 60.0
+    assert study.main_job_variant({"arms": arms}) == "pods_19"
+    arms["neyman_ht_19"].update(final_success_pp=60.0, chunk_fraction=0.18)  # tie: cheaper wins
+    assert study.main_job_variant({"arms": arms}) == "neyman_ht_19"
+
+
 def test_evidence_v3_pilot_tiny(bench, tmp_path):
     pytest.importorskip("gymnasium")
     pilot = bench("evidence_v3_pilot")
