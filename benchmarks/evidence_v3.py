@@ -344,27 +344,15 @@ def summarize(seeds):
     return out
 
 
-def _ranks(values):
-    """Ranks 1..n of `values`, ties given their average rank."""
-    values = np.asarray(values, dtype=float)
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    for v in np.unique(values):
-        tied = values == v
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
 def spearman(x, y):
-    """Spearman's rank correlation (Pearson's r of the average ranks); None if a side is constant."""
+    """Spearman's rank correlation (scipy's, ties at their average rank); None if a side is constant."""
     if len(x) != len(y) or len(x) < 2:
         raise ValueError(f"`x` and `y` must have one length >= 2, got {len(x)} and {len(y)}.")
-    rx, ry = _ranks(x), _ranks(y)
-    sx, sy = rx.std(), ry.std()
-    if sx == 0 or sy == 0:
+    if len(set(x)) == 1 or len(set(y)) == 1:
         return None
-    return float(((rx - rx.mean()) * (ry - ry.mean())).mean() / (sx * sy))
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
 
 
 def compare_diagnostics(summary, prediction):
@@ -419,8 +407,6 @@ def main_job_variant(summary):
     with the highest mean final success; a tie goes to the smaller chunk fraction, then the name.
     """
     candidates = [n for n in MASKED if n.endswith("_19") and n != "pcm_19"]
-    if not candidates:
-        raise ValueError(f"no ~19% arm other than pcm_19 among {list(MASKED)}")
     arms = summary["arms"]
     return max(candidates, key=lambda n: (arms[n]["final_success_pp"],
                                           -(arms[n]["chunk_fraction"] or 0.0), n))

@@ -200,6 +200,8 @@ def test_bad_model_options(policy):
         oft_real.build_tiny_oft(oft_real.TinyOFTSize(hidden=63), {})
     with pytest.raises(ValueError, match="`size.layers` must be a positive int"):
         oft_real.build_tiny_oft(oft_real.TinyOFTSize(layers=0), {})
+    with pytest.raises(ValueError, match="`size.image_size` must be a positive int"):
+        oft_real.build_tiny_oft(oft_real.TinyOFTSize(image_size=0), {})
     with pytest.raises(ValueError, match="must hold a prompt, 56 slots"):
         policy.model(torch.ones(1, 10, dtype=torch.long), torch.ones(1, 10), None)
     with pytest.raises(ValueError, match="`decode` must be 'parallel' for OpenVLA-OFT"):
