@@ -5,6 +5,7 @@ properties of the per-chunk policy stand-in, not measurements of the machine.
 """
 
 import importlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -451,6 +452,9 @@ def test_evidence_v3_quick_interleaves_resumes_and_reports(bench, tmp_path):
     assert set(summary["rq2"]) == set(study.MASKED)
     page = (tmp_path / "r.md").read_text()
     assert page.startswith("# Reproduction") and study.DEVIATIONS[0] in page
+    assert "lower bound of at least +25" in page
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "(img/r_v3_curves.png)" in page and (tmp_path / "img" / "r_v3_curves.png").stat().st_size > 1000
     assert summary["validity"]["grpo_gain_ci_low_pp"] == pytest.approx(
         summary["arms"]["grpo"]["gain_ci95_pp"][0])
     # the design the plan fixes: 80 steps, four checkpoints, 20 seeds, 8 masked arms in the family
