@@ -15,8 +15,8 @@ from batch to batch as in training) at the SFT policy (ratio 1), caught before t
 step and sketched (`GradientSketch`); GRPO's is the reference. Nothing is updated.
 
 Per arm and seed: the second-moment inflation, the signal ratio, the predicted per-step efficiency
-(signal ratio squared over inflation; for the Horvitz-Thompson arms, whose signal ratio is 1 by
-construction, also 1 / inflation), the chunk fraction and the efficiency per unit of backward
+(the signal ratio, clipped at 0, squared over inflation; for the Horvitz-Thompson arms, whose
+signal ratio is 1 by construction, also 1 / inflation), the chunk fraction and the efficiency per unit of backward
 compute, each with its jackknife SE over batches; and the mean over seeds.
 """
 

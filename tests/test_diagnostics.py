@@ -40,7 +40,7 @@ def stats_ref(full, sel):
         m_s = sum(float(v @ v) for v in s) / len(s)
         ff, sf = cross_ref(f, f), cross_ref(s, f)
         infl, sig = m_s / m_f, sf / ff
-        return [infl, sig, ff / m_f, sig**2 / infl]
+        return [infl, sig, ff / m_f, max(sig, 0.0) ** 2 / infl]
 
     est = point(full, sel)
     n = len(full)
@@ -59,7 +59,8 @@ def stats_ref(full, sel):
 def test_statistics_match_the_loop_reference(seed, n, dim):
     g = torch.Generator().manual_seed(seed)
     full = torch.randn(n, dim, generator=g, dtype=F64) + 0.7
-    sel = 1.5 * full + torch.randn(n, dim, generator=g, dtype=F64)
+    sign = 1.0 if seed % 2 else -1.0  # both signs of the signal ratio
+    sel = sign * 1.5 * full + torch.randn(n, dim, generator=g, dtype=F64)
     got = selector_statistics(full, sel)
     (infl, sig, frac, eff), (infl_se, sig_se, frac_se, eff_se) = stats_ref(full, sel)
     values = [got.second_moment_ratio, got.signal_ratio, got.full_signal_fraction, got.efficiency]
@@ -134,6 +135,18 @@ def test_unbiased_selector_keeps_the_signal_and_efficiency_is_predicted():
         stats.full_signal_fraction_se.item()
     )
     assert abs(stats.efficiency.item() - 1 / want) < 5 * stats.efficiency_se.item()
+
+
+def test_a_selector_against_the_signal_makes_no_progress():
+    """signal ratio -1: the squared ratio would predict full progress; a positive step has none."""
+    g = torch.Generator().manual_seed(5)
+    full = chunk_gradients(g, 200, 8, 6, mean=torch.full((6,), 0.5, dtype=F64)).mean(1)
+    stats = selector_statistics(full, -full)
+    assert stats.signal_ratio.item() == pytest.approx(-1.0, abs=1e-12)
+    assert stats.second_moment_ratio.item() == pytest.approx(1.0, abs=1e-12)
+    assert stats.efficiency.item() == 0.0 and stats.efficiency_se.item() == 0.0
+    # the same selector with its sign restored is the full gradient: efficiency 1
+    assert selector_statistics(full, full).efficiency.item() == pytest.approx(1.0, abs=1e-12)
 
 
 def test_signal_in_one_phase():

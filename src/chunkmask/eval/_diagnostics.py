@@ -242,8 +242,9 @@ class SelectorStatistics(NamedTuple):
             gradient, in `[0, 1]` in expectation: how much of a batch gradient is signal.
         full_signal_fraction_se: its jackknife standard error.
         efficiency: predicted per-step progress relative to the full gradient,
-            $\text{signal\_ratio}^2 / \text{second\_moment\_ratio}$ (SGD with the best step size
-            on a locally quadratic loss).
+            $\max(\text{signal\_ratio}, 0)^2 / \text{second\_moment\_ratio}$ (SGD with the
+            best positive step size on a locally quadratic loss: a selector whose mean gradient
+            points against the full gradient's makes no progress, not a positive one).
         efficiency_se: its jackknife standard error.
         num_batches: the number of independent batches.
     """
@@ -350,7 +351,8 @@ def selector_statistics(
     inflation, inflation_loo = _ratio(m_s, m_f), _ratio(m_s_loo, m_f_loo)
     signal, signal_loo = _ratio(sf, ff), _ratio(sf_loo, ff_loo)
     fraction, fraction_loo = _ratio(ff, m_f), _ratio(ff_loo, m_f_loo)
-    eff, eff_loo = signal.square() / inflation, signal_loo.square() / inflation_loo
+    eff = signal.clamp(min=0).square() / inflation
+    eff_loo = signal_loo.clamp(min=0).square() / inflation_loo
     return SelectorStatistics(
         inflation,
         _jackknife_se(inflation_loo),
