@@ -852,7 +852,7 @@ GPUs are separate; on this machine the busy time summed over processes is the ti
 With one seed and about {learn_s:.0f} s of training per run, the differences in final success
 mostly reflect run-to-run variation: the intervals cover the evaluation noise on fixed held-out
 states, not the variation between training runs, so they understate the uncertainty. The
-testbed's own reproduction ([Reproduction](reproduction.md)) also found PCM learning more slowly
+testbed's own reproduction ([the v2 study](reproduction_v2.md)) also found PCM learning more slowly
 than GRPO per step on this task, which is what decides the time to threshold once PCM's cheaper
 update has made each step faster.
 
