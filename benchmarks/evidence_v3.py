@@ -76,6 +76,8 @@ DIAGNOSTICS = Path("benchmarks/results/evidence_v3/diagnostics_prediction.json")
 # fixed in PLAN.md before the first seed; any later deviation is appended here, with its reason
 DEVIATIONS = (
     "the ~37% family holds only pcm_37 and random_37 (budget: 9 arms fit three sessions, 13 do not)",
+    "the diagnostics' efficiency clips a negative signal ratio at 0 (PLAN.md addendum 3, before "
+    "the report)",
     "GRPO's update share was expected below the issue's 75% (64-74% in the pilot)",
     "the TOST margin is relative: 0.2 x GRPO's measured mean gain over SFT",
 )
@@ -284,6 +286,34 @@ def rq2(seeds, arm, rng_seed=0):
     }
 
 
+def matched_time(seeds, arm):
+    """Exploratory (not in PLAN.md): the arm's final success against GRPO's at the same time.
+
+    Per seed, GRPO's fresh-evaluation curve through (0, SFT) and its checkpoints, on its
+    cumulative training time, is interpolated linearly at the arm's total training time (the
+    arm's steps are cheaper, so this is GRPO part-way through its run); the paired difference of
+    the arm's final success and that value, with a t CI over seeds.
+    """
+    finals, grpo_at = [], []
+    for s in seeds:
+        t_arm = _train_time(s, arm)[-1]
+        times = [0.0, *_train_time(s, "grpo")]
+        curve = [100 * s["sft_success"], *(100 * c[1] for c in s["arms"]["grpo"]["curve"])]
+        grpo_at.append(float(np.interp(t_arm, times, curve)))
+        finals.append(_final(s, arm))
+    d = paired_difference(finals, grpo_at)
+    return {"grpo_at_arm_time_pp": float(np.mean(grpo_at)), "diff_pp": d.mean,
+            "diff_ci95_pp": [d.low, d.high],
+            "time_fraction": float(np.mean([_train_time(s, arm)[-1] / _train_time(s, "grpo")[-1]
+                                            for s in seeds]))}
+
+
+def vs_random(seeds, arm, control="random_19"):
+    """Exploratory (not in PLAN.md): the arm's final success minus the uniform control's, paired."""
+    d = paired_difference([_final(s, arm) for s in seeds], [_final(s, control) for s in seeds])
+    return {"control": control, "diff_pp": d.mean, "diff_ci95_pp": [d.low, d.high]}
+
+
 def summarize(seeds):
     """The report's numbers from complete seed records (see PLAN.md for every definition)."""
     sft = [100 * s["sft_success"] for s in seeds]
@@ -341,6 +371,11 @@ def summarize(seeds):
         out["arms"][name]["tost_p_holm"] = p
         out["arms"][name]["equivalent_holm"] = p < ALPHA
     out["rq2"] = {n: out["arms"][n]["rq2"] for n in MASKED}
+    out["exploratory"] = {
+        "note": "not pre-registered: descriptive, per-arm t CIs with no multiplicity correction",
+        "matched_time": {n: matched_time(seeds, n) for n in MASKED},
+        "vs_random_19": {n: vs_random(seeds, n) for n in MASKED if n != "random_19"},
+    }
     return out
 
 
@@ -516,6 +551,31 @@ def report(results, page, summary_path, *, quick=False, diagnostics=None):
         *[f"- {d}" for d in summary["deviations"]],
         "",
     ]
+    ex = summary["exploratory"]
+
+    def ci(r):
+        return f"{r['diff_pp']:+.1f} [{r['diff_ci95_pp'][0]:+.1f}, {r['diff_ci95_pp'][1]:+.1f}]"
+
+    lines += [
+        "",
+        "## Exploratory: at matched training time, and against the uniform control",
+        "",
+        "Not pre-registered (descriptive; per-arm 95% t CIs, no multiplicity correction). "
+        "*At matched time*: the arm's final success minus GRPO's success at the same cumulative "
+        "training time (GRPO's fresh-evaluation curve, interpolated per seed). *Against "
+        "random_19*: the arm's final success minus the uniform control's at ~19%, paired.",
+        "",
+        "| arm | its time / GRPO's | GRPO at that time | arm - GRPO at matched time "
+        "| arm - random_19 |",
+        "|---|---|---|---|---|",
+    ]
+    for name in MASKED:
+        m = ex["matched_time"][name]
+        r = ex["vs_random_19"].get(name)
+        lines.append(
+            f"| {name} | {m['time_fraction']:.2f} | {m['grpo_at_arm_time_pp']:.1f}% | {ci(m)} "
+            f"| {'-' if r is None else ci(r)} |"
+        )
     diag = summary.get("diagnostics")
     if diag is not None:
         def num(x, fmt):

@@ -453,6 +453,11 @@ def test_evidence_v3_quick_interleaves_resumes_and_reports(bench, tmp_path):
     page = (tmp_path / "r.md").read_text()
     assert page.startswith("# Reproduction") and study.DEVIATIONS[0] in page
     assert "lower bound of at least +25" in page
+    # exploratory: GRPO at the arm's own (shorter or equal) training time, paired by seed
+    m = summary["exploratory"]["matched_time"]["pcm_19"]
+    assert 0 < m["time_fraction"] and m["diff_ci95_pp"][0] <= m["diff_pp"] <= m["diff_ci95_pp"][1]
+    assert "random_19" not in summary["exploratory"]["vs_random_19"]
+    assert "## Exploratory" in page
     if importlib.util.find_spec("matplotlib") is not None:
         assert "(img/r_v3_curves.png)" in page and (tmp_path / "img" / "r_v3_curves.png").stat().st_size > 1000
     assert summary["validity"]["grpo_gain_ci_low_pp"] == pytest.approx(
