@@ -188,7 +188,7 @@ def test_main_job_quick_writes_summary(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert main(["--out", str(tmp_path), "--quick", "--no-progress"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["runs"] == list(STUDY_ARMS) == ["grpo", "pcm", "random"]
+    assert summary["runs"] == list(STUDY_ARMS) == ["grpo", "pcm", "pps_ht"]
     for key in ("speedup_to_threshold", "threshold"):
         assert key in summary
     for name in summary["runs"]:
@@ -196,7 +196,7 @@ def test_main_job_quick_writes_summary(tmp_path, capsys):
             assert key in summary[name]
         assert (tmp_path / f"{name}.jsonl").stat().st_size > 0
     for key in ("speedup_to_threshold", "step_speedup", "final_success_gap_pp"):
-        assert key in summary["pcm"] and key in summary["random"]
+        assert key in summary["pcm"] and key in summary["pps_ht"]
     assert summary["step_speedup"] == summary["pcm"]["step_speedup"]
     # the summary says in one line what the project's study found
     assert summary["study_finding"] == STUDY_FINDING
@@ -584,3 +584,40 @@ def test_prompt_pool_fixes_the_task_states():
         prompt_pool_states(_cfg("full"), ENV)  # a run without a pool has no pool states
     with pytest.raises(ValueError, match=r"`prompt_pool` must be 0 or at least `prompts_per_step`=2, got 1"):
         train(_policy(), _cfg("full", prompt_pool=1, prompts_per_step=2), env_config=ENV)
+
+
+def test_main_job_agrees_with_the_study_report():
+    """`STUDY_ARMS`' third arm is the report's `main_job_variant` (same rule, same budget), and
+    every number in `STUDY_FINDING` is the report's, rounded as printed."""
+    import importlib
+    import sys as _sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    report = json.loads((root / "docs" / "reproduction.json").read_text())
+    _sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        study = importlib.import_module("evidence_v3")
+    finally:
+        _sys.path.pop(0)
+    variant = report["main_job_variant"]
+    name = list(STUDY_ARMS)[2]
+    assert variant == f"{name}_19"
+    arm = dict(study.ARMS[variant])
+    budget = arm.pop("budget", None)
+    assert STUDY_ARMS[name] == arm and budget == DemoConfig.study().train.budget
+    assert list(STUDY_ARMS)[:2] == ["grpo", "pcm"] and STUDY_ARMS["pcm"] == {"selector": "pcm"}
+    arms, explore = report["arms"], report["exploratory"]["matched_time"]
+    assert report["n"] == 20 and f"{report['n']} paired seeds" in STUDY_FINDING
+    assert not any(arms[a]["equivalent_holm"] for a in study.MASKED)
+    assert "no masked arm is equivalent" in STUDY_FINDING
+    for number in (
+        f"+{arms['grpo']['gain_vs_sft_pp']:.1f} pp",
+        f"{-arms['pcm_19']['diff_vs_grpo_pp']:.1f} pp below",
+        f"{-arms[variant]['diff_vs_grpo_pp']:.1f} pp below",
+        "[{:.1f}, {:.1f}]".format(*arms[variant]["diff_ci95_pp"]),
+        f"{explore[variant]['diff_pp']:.1f} pp [{explore[variant]['diff_ci95_pp'][0]:.1f}, "
+        f"{explore[variant]['diff_ci95_pp'][1]:+.1f}]",
+        f"PCM {explore['pcm_19']['diff_pp']:.1f} pp",
+    ):
+        assert number in STUDY_FINDING, number

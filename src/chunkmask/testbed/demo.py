@@ -40,16 +40,17 @@ DEFAULT_ARMS: dict[str, dict[str, Any]] = {
 STUDY_ARMS: dict[str, dict[str, Any]] = {
     "grpo": {"selector": "full"},
     "pcm": {"selector": "pcm"},
-    # The v3 study's best compute-matched variant replaces this arm once the study reports;
-    # until then it is its uniform control at the same budget.
-    "random": {"selector": "random"},
+    # The v3 study's best ~19% arm by its pre-registered rule (`evidence_v3.main_job_variant`):
+    # PPS (pi proportional to |A| x score norm) with the unbiased Horvitz-Thompson estimator.
+    "pps_ht": {"selector": "pps", "estimator": "horvitz_thompson"},
 }
-"""The arms of the main job in the study's regime (`DemoConfig.study`)."""
+"""The arms of the main job in the study's regime (`DemoConfig.study`), all at B = 5."""
 
 STUDY_FINDING = (
-    "the v3 study (docs/evidence_v3/PLAN.md: 9 arms, 20 paired seeds) is running; until it "
-    "reports, chunkmask claims no equivalence of any masked update with GRPO (the v2 study "
-    "could not discriminate: docs/reproduction.md)"
+    "v3 study (docs/reproduction.md, 20 paired seeds, 80 updates): no masked arm is equivalent "
+    "to GRPO (+28.4 pp over SFT); after equal updates PCM (Eq. 11) ends 27.3 pp below GRPO and "
+    "the best compute-matched arm, pps_ht, 13.9 pp below [-17.6, -10.2]; against GRPO at the "
+    "same training time (exploratory) pps_ht is -1.7 pp [-5.1, +1.6] and PCM -14.8 pp"
 )
 """One line: what the project's compute-matched study found (printed by the main job)."""
 
