@@ -16,8 +16,8 @@ step and sketched (`GradientSketch`); GRPO's is the reference. Nothing is update
 
 Per arm and seed: the second-moment inflation, the signal ratio, the predicted per-step efficiency
 (the signal ratio, clipped at 0, squared over inflation; for the Horvitz-Thompson arms, whose
-signal ratio is 1 by construction, also 1 / inflation), the chunk fraction and the efficiency per unit of backward
-compute, each with its jackknife SE over batches; and the mean over seeds.
+signal ratio is 1 by construction, also 1 / inflation), the chunk fraction and the efficiency per
+unit of backward compute, each with its jackknife SE over batches; and the mean over seeds.
 """
 
 import argparse

@@ -294,18 +294,16 @@ def matched_time(seeds, arm):
     arm's steps are cheaper, so this is GRPO part-way through its run); the paired difference of
     the arm's final success and that value, with a t CI over seeds.
     """
-    finals, grpo_at = [], []
+    finals, grpo_at, fractions = [], [], []
     for s in seeds:
-        t_arm = _train_time(s, arm)[-1]
-        times = [0.0, *_train_time(s, "grpo")]
+        t_arm, t_grpo = _train_time(s, arm)[-1], _train_time(s, "grpo")
         curve = [100 * s["sft_success"], *(100 * c[1] for c in s["arms"]["grpo"]["curve"])]
-        grpo_at.append(float(np.interp(t_arm, times, curve)))
+        grpo_at.append(float(np.interp(t_arm, [0.0, *t_grpo], curve)))
         finals.append(_final(s, arm))
+        fractions.append(t_arm / t_grpo[-1])
     d = paired_difference(finals, grpo_at)
     return {"grpo_at_arm_time_pp": float(np.mean(grpo_at)), "diff_pp": d.mean,
-            "diff_ci95_pp": [d.low, d.high],
-            "time_fraction": float(np.mean([_train_time(s, arm)[-1] / _train_time(s, "grpo")[-1]
-                                            for s in seeds]))}
+            "diff_ci95_pp": [d.low, d.high], "time_fraction": float(np.mean(fractions))}
 
 
 def vs_random(seeds, arm, control="random_19"):

@@ -459,7 +459,8 @@ def test_evidence_v3_quick_interleaves_resumes_and_reports(bench, tmp_path):
     assert "random_19" not in summary["exploratory"]["vs_random_19"]
     assert "## Exploratory" in page
     if importlib.util.find_spec("matplotlib") is not None:
-        assert "(img/r_v3_curves.png)" in page and (tmp_path / "img" / "r_v3_curves.png").stat().st_size > 1000
+        assert "(img/r_v3_curves.png)" in page
+        assert (tmp_path / "img" / "r_v3_curves.png").stat().st_size > 1000
     assert summary["validity"]["grpo_gain_ci_low_pp"] == pytest.approx(
         summary["arms"]["grpo"]["gain_ci95_pp"][0])
     # the design the plan fixes: 80 steps, four checkpoints, 20 seeds, 8 masked arms in the family
